@@ -1,0 +1,1 @@
+"""From chat exports to a private training dataset, and (later) to a LoRA adapter."""
