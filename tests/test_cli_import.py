@@ -1,0 +1,169 @@
+"""Format detection, folder walking and the `clone import` / `clone prepare` commands, in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from training.importers import detect_format, find_sources, import_messages
+from training.message import FIELDS, ExportError, ImportReport
+
+from .conftest import FIXTURES
+
+DETECTED = {
+    "telegram/single_chat.json": "telegram",
+    "telegram/full_export.json": "telegram",
+    "whatsapp/ios_chat.txt": "whatsapp",
+    "whatsapp/WhatsApp Chat with Bob Smith.txt": "whatsapp",
+    "whatsapp/year_first.txt": "whatsapp",
+    "discord/guild_channel.json": "discord-json",
+    "discord/Cool Server - general [222222222222222222].csv": "discord-csv",
+    "discord/package": "discord-package",
+    "tables/faq.csv": "qa-csv",
+    "tables/transcript.csv": "speaker-csv",
+}
+
+
+@pytest.mark.parametrize(("name", "fmt"), sorted(DETECTED.items()))
+def test_format_is_detected_from_content(name, fmt, tmp_path):
+    src = FIXTURES / name
+    # Detection must not lean on the file name: copy under a neutral one.
+    if src.is_file():
+        neutral = tmp_path / "export.dat"
+        shutil.copy(src, neutral)
+        src = neutral
+    assert detect_format(src) == fmt
+
+
+def test_whatsapp_zip_is_detected(tmp_path):
+    z = tmp_path / "WhatsApp Chat - Bob.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.write(FIXTURES / "whatsapp/ios_chat.txt", "_chat.txt")
+        f.writestr("00000001-PHOTO.jpg", b"\xff\xd8")
+    assert detect_format(z) == "whatsapp"
+    assert list(import_messages([z], ImportReport()))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (b"\x00\x01\x02\xff\xfe binary", "binary"),
+        (b"just some notes\nnothing like a chat\n", "unknown format"),
+        (b'{"foo": [1, 2, 3]}', "not a chat export"),
+        ("caf\xe9 au lait".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_unreadable_files_get_one_clear_error(tmp_path, content, reason):
+    bad = tmp_path / "thing.txt"
+    bad.write_bytes(content)
+    with pytest.raises(ExportError) as e:
+        detect_format(bad)
+    assert str(bad) in str(e.value) and reason in str(e.value)
+
+
+def test_folder_walk_passes_over_media_and_finds_packages(tmp_path):
+    root = tmp_path / "exports"
+    (root / "tg" / "photos").mkdir(parents=True)
+    shutil.copy(FIXTURES / "telegram/single_chat.json", root / "tg" / "result.json")
+    (root / "tg" / "photos" / "photo_1.jpg").write_bytes(b"\xff\xd8\xff")
+    (root / "tg" / "messages.html").write_text("<html></html>")
+    (root / "notes.txt").write_text("shopping list: eggs\n")
+    shutil.copytree(FIXTURES / "discord/package", root / "discord_package")
+    report = ImportReport()
+    sources = find_sources([root], report)
+    assert [(p.relative_to(root).as_posix(), f) for p, f in sources] == [
+        ("discord_package", "discord-package"),
+        ("tg/result.json", "telegram"),
+    ]
+    assert report.skipped["file that is not a chat export"] == 3
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_import_writes_normalized_lines_and_a_summary(tmp_path, capsys):
+    out_file = tmp_path / "messages.jsonl"
+    code, out, _ = run(
+        ["import", FIXTURES / "telegram/full_export.json", FIXTURES / "whatsapp/ios_chat.txt",
+         FIXTURES / "discord/guild_channel.json", "--out", out_file],
+        capsys,
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert rows and all(tuple(r) == FIELDS for r in rows)
+    assert {r["platform"] for r in rows} == {"telegram", "whatsapp", "discord"}
+    assert "owner of the export" in out
+    assert "Skipped:" in out and "Authors by message count" in out
+    # The normalized file reads back as an input, unchanged.
+    again = tmp_path / "again.jsonl"
+    assert run(["import", out_file, "--out", again], capsys)[0] == 0
+    assert again.read_text() == out_file.read_text()
+
+
+def test_a_malformed_file_stops_the_import_and_writes_nothing(tmp_path, capsys):
+    good = FIXTURES / "telegram/single_chat.json"
+    truncated = tmp_path / "result.json"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    out_file = tmp_path / "messages.jsonl"
+    code, _, err = run(["import", good, truncated, "--out", out_file], capsys)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert str(truncated) in line and "byte" in line
+    assert not out_file.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp files left behind
+
+
+def test_prepare_mixed_sources_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "ds"
+    code, out, _ = run(
+        ["prepare", FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt",
+         FIXTURES / "tables/faq.csv", "--me", "Alice", "--me", "me", "--out", out_dir,
+         "--val-fraction", "0"],
+        capsys,
+    )
+    assert code == 0, out
+    card = json.loads((out_dir / "card.json").read_text())
+    train = [json.loads(x) for x in (out_dir / "train.jsonl").read_text().splitlines()]
+    assert card["samples"]["train"] == len(train) > 0
+    assert {s["format"] for s in card["sources"]} == {"whatsapp", "qa-csv"}
+    for s in train:
+        assert s["messages"][0]["role"] == "system"
+        assert s["messages"][-1]["role"] == "assistant"
+    assert "Dataset for Alice" in out
+
+
+def test_prepare_without_me_names_the_authors(tmp_path, capsys):
+    code, out, err = run(
+        ["prepare", FIXTURES / "whatsapp/day_first_24h.txt", "--out", tmp_path / "ds"], capsys
+    )
+    assert code == 2 and "--me" in err
+    assert "Authors by message count" in out
+    assert not (tmp_path / "ds").exists()
+
+
+def test_prepare_uses_the_exports_owner(tmp_path, capsys):
+    code, out, _ = run(
+        ["prepare", FIXTURES / "telegram/full_export.json", "--out", tmp_path / "ds"], capsys
+    )
+    assert code == 0, out
+    assert "Using the export's owner" in out
+
+
+def test_start_prepares_the_sample_persona(tmp_path, capsys):
+    persona = tmp_path / "sample"
+    shutil.copytree(Path(__file__).parent.parent / "persona_data" / "sample", persona)
+    code, out, _ = run(["start", "--persona", persona], capsys)
+    assert code == 0, out
+    card = json.loads((persona / "dataset" / "card.json").read_text())
+    assert card["persona"] == "Sam Rivera"
+    assert card["samples"]["train"] > 100 and card["samples"]["val"] > 5
+    assert card["conversations"]["train"] + card["conversations"]["val"] >= 90

@@ -1,0 +1,63 @@
+"""The prompt contract: one function turns (persona, conversation) into chat-template messages.
+
+Training samples and live prompts both go through `to_chat_messages`, so the model is served
+exactly the shape it was trained on. Any change to what this module renders must bump
+`CONTRACT_VERSION`: adapters record it, and serving refuses one whose version it does not speak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from training.persona import Persona
+
+CONTRACT_VERSION = 1
+QUOTE_CHARS = 80  # a quoted message is cut to this many characters
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    """One message (or burst) in a conversation, as the contract sees it."""
+
+    speaker: str         # display name of who said it
+    text: str            # may hold line breaks: a burst keeps one message per line
+    from_persona: bool   # True for the person being cloned
+    quote: str | None = None  # the text it replies to, when that is not what came right before
+
+
+def system_prompt(persona: Persona) -> str:
+    about = persona.description.rstrip()
+    if about and about[-1] not in ".!?":
+        about += "."
+    about = f" {about}" if about else ""
+    return (
+        f"You are {persona.name}.{about} Reply in this chat the way {persona.name} texts: "
+        f"same length, tone and habits. Each line you write is sent as a separate message."
+    )
+
+
+def render_other(u: Utterance, group: bool) -> str:
+    """Someone else's message: named in group chats, with a short quote when it replies upthread."""
+    text = f"{u.speaker}: {u.text}" if group else u.text
+    if u.quote:
+        quote = u.quote.replace("\n", " ")
+        if len(quote) > QUOTE_CHARS:
+            quote = quote[: QUOTE_CHARS - 1] + "…"
+        text = f"> {quote}\n{text}"
+    return text
+
+
+def to_chat_messages(
+    persona: Persona, utterances: Sequence[Utterance], group: bool = False
+) -> list[dict[str, str]]:
+    """System prompt, then user/assistant turns; consecutive utterances of one side merge into a turn."""
+    messages = [{"role": "system", "content": system_prompt(persona)}]
+    for u in utterances:
+        role = "assistant" if u.from_persona else "user"
+        content = u.text if u.from_persona else render_other(u, group)
+        if messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
