@@ -7,18 +7,25 @@ Each subcommand is a thin handler; the work lives in `training/` and `bot/`. Hea
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+from training.base_model import BaseModelError
 from training.message import ExportError, ImportReport, Message
 from training.persona import Persona, PersonaError
 
 log = logging.getLogger("clone")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PERSONA = REPO_ROOT / "persona_data" / "sample"
+DEFAULT_PERSONA = Path(os.environ.get("CLONE_PERSONA") or SAMPLE_PERSONA)
+DEFAULT_ADAPTERS = Path(os.environ.get("CLONE_ADAPTERS") or "adapters")
 
 
 class CliError(Exception):
@@ -175,15 +182,144 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(paths, persona, args)
 
 
+# -- clone train / adapters / eval / retrain -------------------------------------------------
+
+
+def train_config(args: argparse.Namespace, data: Path):
+    from training.train import TrainConfig
+
+    return TrainConfig(
+        data=data,
+        out=args.adapters,
+        base=args.base,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        seed=args.seed,
+        resume=getattr(args, "resume", False),
+    )
+
+
+def print_trained(result) -> None:
+    m = result.manifest["metrics"]
+    print(
+        f"Adapter {result.version}: {m['steps']} steps, {m['train_tokens']:,} tokens in "
+        f"{m['runtime_s']:.0f} s ({m['tokens_per_second']:.0f} tok/s); "
+        f"validation perplexity {m['val_perplexity']}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.train import train
+
+    data = args.data or DEFAULT_PERSONA / "dataset"
+    result = train(train_config(args, data))
+    print_trained(result)
+    print(f"Active adapter: {args.adapters / 'active'} -> {result.version}")
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    from training import adapters
+
+    if args.action == "use":
+        if not args.version:
+            raise CliError("which version? `clone adapters use VERSION`")
+        try:
+            adapters.resolve(args.adapters, args.version)
+            adapters.activate(args.adapters, args.version)
+        except adapters.AdapterError as e:
+            raise CliError(str(e)) from None
+        print(f"Active adapter: {args.version}")
+        return
+    found = adapters.versions(args.adapters)
+    if not found:
+        print(f"No adapters in {args.adapters} yet: run `clone train`")
+        return
+    active = adapters.active_version(args.adapters)
+    print(f"{'':2}{'version':<20}{'persona':<16}{'steps':>7}{'val ppl':>9}{'tok/s':>8}  base model")
+    for a in found:
+        m = a.get("metrics", {})
+        mark = "* " if a["version"] == active else "  "
+        print(
+            f"{mark}{a['version']:<20}{(a['dataset'].get('persona') or '?')[:15]:<16}"
+            f"{m.get('steps', '?'):>7}{m.get('val_perplexity') or '-':>9}"
+            f"{m.get('tokens_per_second') or '-':>8}  {a['base_model']['id']}"
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from training.adapters import AdapterError
+    from training.evaluate import evaluate
+
+    try:
+        result = evaluate(args.adapters, args.version, args.data, samples=args.samples)
+    except AdapterError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, ensure_ascii=False))
+        return
+    ppl = result["perplexity"]
+    print(f"Adapter {result['version']} on {result['val_replies']} held-out replies:")
+    for name in ("base", "prompted", "adapter"):
+        print(f"  perplexity {name:<9}{ppl[name]:>10.2f}")
+    print(f"  adapter / prompted {ppl['adapter'] / ppl['prompted']:>8.3f}")
+    print(f"Report: {result['report']}")
+
+
+def cmd_retrain(args: argparse.Namespace) -> None:
+    from training.retrain import retrain
+
+    persona = load_persona(args.persona)
+    assert persona is not None and persona.exports is not None and persona.dataset is not None
+    known = [persona.exports] if persona.exports.is_dir() else []
+    prepare([*known, *args.paths], persona, args)
+    # Keep the new exports beside the old ones, so the next retrain sees them all.
+    stamp = datetime.now(UTC).strftime("added-%Y%m%d-%H%M%S")
+    for path in args.paths:
+        if persona.exports.resolve() in path.resolve().parents:
+            continue
+        dest = persona.exports / stamp / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
+    outcome = retrain(train_config(args, persona.dataset), force=args.force)
+    print_trained(outcome.new)
+    if outcome.active_val_loss is not None:
+        print(
+            f"Validation loss: new {outcome.new_val_loss:.4f}, "
+            f"active {outcome.active_version} {outcome.active_val_loss:.4f}"
+        )
+    if outcome.activated:
+        print(f"Active adapter: {outcome.new.version}")
+    else:
+        print(
+            f"Kept {outcome.active_version} active: the new adapter is worse on the same validation "
+            f"data. It stays available: `clone adapters use {outcome.new.version}` (or retrain --force)"
+        )
+
+
 # -- clone start: the main job ---------------------------------------------------------------
 
 
 def cmd_start(args: argparse.Namespace) -> None:
     """Everything a fresh machine needs, on the persona's own data (the sample by default)."""
+    from training import adapters
+    from training.train import train
+
     persona = load_persona(args.persona)
     assert persona is not None and persona.exports is not None
     print(f"Persona: {persona.name} ({args.persona})")
-    prepare([persona.exports], persona, args)
+    data = prepare([persona.exports], persona, args)
+    active = adapters.active_version(args.adapters)
+    if active is None:
+        print(f"No adapter yet: training one for {args.max_minutes:g} minutes (bounded)")
+        result = train(train_config(args, data))
+        print_trained(result)
+    else:
+        print(f"Active adapter: {active} (`clone retrain` makes a new one)")
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -197,11 +333,27 @@ def add_prepare_options(p: argparse.ArgumentParser, formats: tuple[str, ...]) ->
     p.add_argument("--blocklist", type=Path, help="file of words and names to redact, one per line")
     p.add_argument("--format", choices=formats, help="force a format instead of detecting it")
     p.add_argument("--tokenizer", help="tokenizer for the token budget (default: the base model's)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="token budget of one sample")
+    p.add_argument("--max-tokens", type=int, default=512, help="token budget of one sample")
     p.add_argument("--gap-minutes", type=float, default=120.0,
                    help="silence that ends a conversation")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_train_options(p: argparse.ArgumentParser, minutes: float | None = None) -> None:
+    p.add_argument("--base", help="base model folder or cached hub id (default: packaged SmolLM2)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=3.0)
+    length.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--max-minutes", type=float, default=minutes, help="stop training after this long")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha is twice it)")
+
+
+def add_adapters_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS,
+                   help="adapter registry folder (default: ./adapters or $CLONE_ADAPTERS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,11 +375,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_options(p, FORMATS)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("start", help="the main job: set the persona up end to end")
-    p.add_argument("--persona", type=Path, default=SAMPLE_PERSONA)
-    add_prepare_options(p, FORMATS)
-    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a prepared dataset")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the persona's dataset/)")
+    p.add_argument("--out", dest="adapters", type=Path, default=DEFAULT_ADAPTERS,
+                   help="adapter registry folder (default: ./adapters)")
+    p.add_argument("--resume", action="store_true", help="continue the last interrupted run")
+    p.add_argument("--seed", type=int, default=0)
+    add_train_options(p)
+    p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("adapters", help="list adapters; `adapters use VERSION` switches (rolls back)")
+    p.add_argument("action", nargs="?", choices=["list", "use"], default="list")
+    p.add_argument("version", nargs="?")
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("eval", help="perplexity and style of an adapter against the base model")
+    p.add_argument("version", nargs="?", help="adapter version (default: the active one)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the one it was trained on)")
+    p.add_argument("--samples", type=int, default=16, help="replies to generate for the style check")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("retrain", help="fresh exports to a new active adapter, never a worse one")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
+    p.add_argument("--force", action="store_true", help="activate even if it is worse")
+    add_prepare_options(p, FORMATS)
+    add_train_options(p)
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("start", help="the main job: set the persona up end to end")
+    p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
+    add_prepare_options(p, FORMATS)
+    add_train_options(p, minutes=4.0)
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_start)
     return parser
 
 
@@ -239,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (CliError, ExportError, PersonaError) as e:
+    except (CliError, ExportError, PersonaError, BaseModelError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
         print(f"clone {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -158,12 +158,20 @@ def test_prepare_uses_the_exports_owner(tmp_path, capsys):
     assert "Using the export's owner" in out
 
 
-def test_start_prepares_the_sample_persona(tmp_path, capsys):
+def test_start_prepares_and_trains_the_sample_persona(tmp_path, capsys, tiny_base):
     persona = tmp_path / "sample"
     shutil.copytree(Path(__file__).parent.parent / "persona_data" / "sample", persona)
-    code, out, _ = run(["start", "--persona", persona], capsys)
+    argv = ["start", "--persona", persona, "--adapters", tmp_path / "adapters",
+            "--base", tiny_base, "--max-steps", "2"]
+    code, out, _ = run(argv, capsys)
     assert code == 0, out
     card = json.loads((persona / "dataset" / "card.json").read_text())
     assert card["persona"] == "Sam Rivera"
     assert card["samples"]["train"] > 100 and card["samples"]["val"] > 5
     assert card["conversations"]["train"] + card["conversations"]["val"] >= 90
+    assert "No adapter yet: training one" in out
+    [adapter] = (tmp_path / "adapters").glob("2*")
+    assert (tmp_path / "adapters" / "active").resolve() == adapter.resolve()
+    # A second start finds the adapter and does not train again.
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and f"Active adapter: {adapter.name}" in out

@@ -31,7 +31,7 @@ from training.privacy import Redactor
 from training.prompt import CONTRACT_VERSION, Utterance, to_chat_messages
 
 TokenCounter = Callable[[str], int]
-TURN_OVERHEAD = 5  # <|im_start|> role \n ... <|im_end|> \n around every chat-template turn
+TURN_OVERHEAD = 6  # <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges
 NEAR_DUP_MIN_CHARS = 16  # "ok" and "lol" again are how a person texts, not duplicates
 
 
@@ -40,7 +40,7 @@ class PrepareConfig:
     me: Sequence[str]                 # author names or ids that are the person (case-insensitive)
     gap_minutes: float = 120.0        # silence that ends a conversation
     near_dup_minutes: float = 60.0    # the same text again within this window is a near duplicate
-    max_tokens: int = 1024            # token budget of one sample, system prompt included
+    max_tokens: int = 512             # token budget of one sample, system prompt included
     max_chars: int = 2000             # longer messages are pastes, not texting: dropped
     val_fraction: float = 0.1
     seed: int = 0
@@ -232,14 +232,17 @@ def windows(
     """
     pieces: list[tuple[list[Utterance], int]] = []
     for run in _runs(utts):
+        # The first piece of a long turn leaves room for what it answers, when that is short.
+        context = pieces[-1][1] if pieces and pieces[-1][1] <= budget // 2 else 0
+        limit = budget - context
         piece: list[Utterance] = []
         for u in run:
             if cost([u]) > budget:
                 skipped["over the token budget"] += 1
                 continue
-            if piece and cost([*piece, u]) > budget:
+            if piece and cost([*piece, u]) > limit:
                 pieces.append((piece, cost(piece)))
-                piece = []
+                piece, limit = [], budget
             piece.append(u)
         if piece:
             pieces.append((piece, cost(piece)))

@@ -1,0 +1,222 @@
+"""LoRA training, the adapter registry, evaluation and retraining, on a tiny model and the real one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import adapters
+from training.base_model import BaseModelError, file_sha256, packaged_gguf, resolve_base
+from training.encode import IGNORE, encode, load_jsonl
+from training.prompt import CONTRACT_VERSION
+from training.retrain import retrain
+from training.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST_KEYS = {"version", "base_model", "prompt_contract", "dataset", "hyperparameters", "metrics",
+                 "libraries", "device"}
+
+
+def tiny_config(tiny_base: Path, data: Path, out: Path, **kw) -> TrainConfig:
+    settings = dict(data=data, out=out, base=str(tiny_base), max_steps=30, learning_rate=3e-2,
+                    batch_size=4, eval_steps=10, save_steps=10, logging_steps=2, lora_r=8,
+                    lora_alpha=16)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def test_labels_cover_only_the_persons_turns_and_their_end(tokenizer):
+    messages = [
+        {"role": "system", "content": "You are Sam."},
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hey!\nwhat's up"},
+        {"role": "user", "content": "not much"},
+        {"role": "assistant", "content": "cool"},
+    ]
+    e = encode(messages, tokenizer)
+    runs, current = [], []
+    for tok, label in zip(e.input_ids, e.labels, strict=True):
+        if label != IGNORE:
+            assert label == tok
+            current.append(tok)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    assert runs == ["hey!\nwhat's up<|im_end|>", "cool<|im_end|>"]
+
+
+def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "adapters"
+    result = train(tiny_config(tiny_base, tiny_dataset, out))
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert set(manifest) >= MANIFEST_KEYS
+    assert manifest["prompt_contract"] == CONTRACT_VERSION
+    card = json.loads((tiny_dataset / "card.json").read_text())
+    assert manifest["dataset"]["fingerprint"] == card["fingerprint"]
+    assert manifest["base_model"]["sha256"] == resolve_base(str(tiny_base)).sha256
+    assert set(manifest["libraries"]) == {"torch", "transformers", "peft"}
+    assert manifest["metrics"]["steps"] == 30 and manifest["metrics"]["train_tokens"] > 0
+    # Loss falls: the logged training loss at the end is well under the start.
+    history = json.loads((result.path / "log_history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0]
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= {p.name for p in result.path.iterdir()} | {"chat_template.jinja"}
+    assert adapters.active_version(out) == result.version
+    assert not (out / ".work" / result.version).exists()
+
+    # The adapter loads back and scores the validation split exactly as recorded.
+    from training.train import mean_nll
+
+    model, tok, _ = adapters.load(out)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels}
+            for e in (encode(s["messages"], tok) for s in load_jsonl(tiny_dataset / "val.jsonl"))]
+    loss, _ = mean_nll(model, rows, tok.pad_token_id)
+    assert loss == pytest.approx(manifest["metrics"]["val_loss"], abs=1e-3)
+    with model.disable_adapter():
+        base_loss, _ = mean_nll(model, rows, tok.pad_token_id)
+    assert loss < base_loss
+
+
+def test_same_seed_same_adapter(tiny_base, tiny_dataset, tmp_path):
+    a = train(tiny_config(tiny_base, tiny_dataset, tmp_path / "a", max_steps=6, eval_steps=100))
+    b = train(tiny_config(tiny_base, tiny_dataset, tmp_path / "b", max_steps=6, eval_steps=100))
+    assert a.manifest["metrics"]["val_loss"] == b.manifest["metrics"]["val_loss"]
+
+
+def test_the_real_packaged_model_trains_two_steps(tiny_dataset, tmp_path):
+    result = train(TrainConfig(data=tiny_dataset, out=tmp_path / "adapters", max_steps=2, batch_size=2,
+                               eval_steps=100, save_steps=100))
+    m = result.manifest
+    assert m["base_model"] == {"id": "SmolLM2-135M-Instruct", "sha256": file_sha256(packaged_gguf())}
+    assert m["metrics"]["steps"] == 2
+    assert 0 < m["metrics"]["val_loss"] < 20
+
+
+def test_a_hub_id_that_is_not_here_names_the_packaged_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(BaseModelError, match="packaged SmolLM2-135M-Instruct"):
+        resolve_base("some-org/some-model-that-is-not-cached")
+
+
+def test_an_adapter_of_another_prompt_contract_is_refused(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "adapters"
+    result = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    manifest["prompt_contract"] = CONTRACT_VERSION + 1
+    (result.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(adapters.AdapterError, match=f"speaks v{CONTRACT_VERSION}"):
+        adapters.load(out)
+
+
+RESUMABLE = dict(max_steps=16, eval_steps=100, save_steps=4)
+KILLABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from transformers import TrainerCallback
+    import training.train as t
+
+    class Slow(TrainerCallback):  # gives the test time to kill the run between checkpoints
+        def on_step_end(self, args, state, control, **kw):
+            time.sleep(0.4)
+
+    original = t.CloneTrainer.__init__
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.add_callback(Slow())
+    t.CloneTrainer.__init__ = init
+    from tests.test_train import RESUMABLE, tiny_config
+    base, data, out = sys.argv[1:4]
+    t.train(tiny_config(Path(base), Path(data), Path(out), **RESUMABLE))
+""")
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "adapters"
+    # An adapter already active before the run that gets killed.
+    before = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(tiny_base), str(tiny_dataset), str(out)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not list((out / ".work").glob("*/checkpoint-8/trainer_state.json")):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Killed mid-run: the active adapter is untouched and no half adapter is listed.
+    assert adapters.active_version(out) == before.version
+    assert [v["version"] for v in adapters.versions(out)] == [before.version]
+
+    resumed = train(tiny_config(tiny_base, tiny_dataset, out, resume=True, **RESUMABLE))
+    assert resumed.manifest["metrics"]["resumed_from"].startswith("checkpoint-")
+    straight = train(tiny_config(tiny_base, tiny_dataset, tmp_path / "straight", **RESUMABLE))
+    from safetensors.torch import load_file
+
+    a = load_file(resumed.path / "adapter_model.safetensors")
+    b = load_file(straight.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    assert resumed.manifest["metrics"]["val_loss"] == pytest.approx(
+        straight.manifest["metrics"]["val_loss"], abs=1e-4)
+
+
+def test_retrain_refuses_a_worse_adapter_unless_forced(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "adapters"
+    good = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=30))
+    worse = tiny_config(tiny_base, tiny_dataset, out, max_steps=1, learning_rate=1e-5, eval_steps=100)
+    outcome = retrain(worse)
+    assert not outcome.activated
+    assert outcome.new_val_loss > outcome.active_val_loss
+    assert adapters.active_version(out) == good.version
+    assert {v["version"] for v in adapters.versions(out)} == {good.version, outcome.new.version}
+    forced = retrain(replace(worse, seed=1), force=True)
+    assert forced.activated and adapters.active_version(out) == forced.new.version
+
+
+def test_eval_scores_three_models_and_writes_a_report(tiny_base, tiny_dataset, tmp_path, capsys):
+    from bot.cli import main
+
+    out = tmp_path / "adapters"
+    train(tiny_config(tiny_base, tiny_dataset, out))
+    assert main(["eval", "--adapters", str(out), "--json", "--samples", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ppl = result["perplexity"]
+    assert set(ppl) == {"base", "prompted", "adapter"}
+    assert ppl["adapter"] < ppl["base"]
+    assert result["val_replies"] > 0
+    report = Path(result["report"])
+    assert report.is_file() and (report.parent / "loss.png").is_file()
+    assert "| adapter |" in report.read_text()
+
+
+def test_adapters_list_and_rollback(tiny_base, tiny_dataset, tmp_path, capsys):
+    from bot.cli import main
+
+    out = tmp_path / "adapters"
+    first = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    second = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    capsys.readouterr()
+    assert main(["adapters", "--adapters", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert f"* {second.version}" in listing and f"  {first.version}" in listing
+    assert main(["adapters", "use", first.version, "--adapters", str(out)]) == 0
+    assert adapters.active_version(out) == first.version
+    assert main(["adapters", "use", "no-such-version", "--adapters", str(out)]) == 2
+    assert adapters.active_version(out) == first.version

@@ -1,0 +1,111 @@
+"""The adapter registry: `adapters/<version>/` folders, each with a manifest, and an `active` pointer.
+
+A folder is an adapter only once its `manifest.json` exists: the manifest is written last,
+inside a staging folder that is renamed into place whole. `active` is a symlink that is replaced
+in one rename, so a reader sees the old adapter or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from training.prompt import CONTRACT_VERSION
+
+MANIFEST = "manifest.json"
+ACTIVE = "active"
+
+
+class AdapterError(RuntimeError):
+    """An adapter that is missing, incomplete, or speaks another prompt contract."""
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def versions(root: Path) -> list[dict]:
+    """Every complete adapter under `root`, oldest first, each manifest with its `path`."""
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+            continue
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            found.append({**manifest, "path": str(folder)})
+    return found
+
+
+def active_version(root: Path) -> str | None:
+    link = root / ACTIVE
+    if not link.is_symlink():
+        return None
+    target = os.readlink(link)
+    return Path(target).name if read_manifest(root / target) is not None else None
+
+
+def activate(root: Path, version: str) -> None:
+    """Point `active` at `version` in one atomic rename."""
+    if read_manifest(root / version) is None:
+        raise AdapterError(f"{root / version} is not an adapter (no {MANIFEST})")
+    tmp = root / f".{ACTIVE}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(version, tmp)
+    os.replace(tmp, root / ACTIVE)
+
+
+def new_version(root: Path) -> str:
+    """A fresh version name: the UTC time, with a suffix should two runs start in one second."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while (root / name).exists() or (root / ".work" / name).exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def resolve(root: Path, version: str | None = None) -> tuple[Path, dict]:
+    """The folder and manifest of `version`, or of the active adapter; checks the prompt contract."""
+    version = version or active_version(root)
+    if version is None:
+        raise AdapterError(f"no active adapter in {root}: run `clone train` first")
+    folder = root / version
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise AdapterError(f"{folder} is not an adapter (no {MANIFEST})")
+    check_contract(manifest, folder)
+    return folder, manifest
+
+
+def check_contract(manifest: dict, folder: Path) -> None:
+    spoken = manifest.get("prompt_contract")
+    if spoken != CONTRACT_VERSION:
+        raise AdapterError(
+            f"{folder} was trained with prompt contract v{spoken}, but this version of the bot speaks "
+            f"v{CONTRACT_VERSION}: retrain it with `clone retrain`, or use a matching release"
+        )
+
+
+def load(root: Path, version: str | None = None, dtype=None, attention: str = "eager"):
+    """Base model with the adapter attached, its tokenizer, and its manifest."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from training.base_model import load_model, resolve_base
+
+    folder, manifest = resolve(root, version)
+    base = resolve_base(manifest["base_model"]["id"])
+    if base.sha256 != manifest["base_model"]["sha256"]:
+        raise AdapterError(
+            f"{folder} was trained on other weights than the base model {base.id} found here"
+        )
+    model = PeftModel.from_pretrained(load_model(base, dtype, attention), str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer, manifest

@@ -1,0 +1,94 @@
+"""Chat samples to token ids with a loss mask, and the loss computed only where that mask is set.
+
+The chat template renders a sample exactly as serving will; the person's turns (and the
+end-of-turn token that closes each, so the clone learns when to stop) are the only labels.
+Finding those spans in the rendered text keeps this template-agnostic, where TRL's
+`assistant_only_loss` needs `{% generation %}` markers that SmolLM2's template lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(messages: list[dict[str, str]], tokenizer, max_length: int | None = None) -> Encoded:
+    """Token ids of the rendered chat, labels set on the assistant turns only."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for m in messages:
+        start = text.index(m["content"], cursor) if m["content"] else cursor
+        cursor = start + len(m["content"])
+        if m["role"] == "assistant":
+            spans.append((start, cursor))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    inside: list[bool] = []
+    j = 0
+    for a, b in enc["offset_mapping"]:
+        while j < len(spans) and a >= spans[j][1]:
+            j += 1
+        inside.append(j < len(spans) and b > spans[j][0])
+    # The token right after an assistant turn is its end-of-turn marker: learn to stop, too.
+    labels = [
+        t if inside[i] or (i > 0 and inside[i - 1]) else IGNORE for i, t in enumerate(ids)
+    ]
+    if max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(ids, labels)
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collate(batch: list[Encoded | dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest member; padding is masked out of attention and loss."""
+    rows = [b if isinstance(b, dict) else {"input_ids": b.input_ids, "labels": b.labels} for b in batch]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def causal_lm(model):
+    """The transformers CausalLM inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the labelled tokens, and how many there were.
+
+    The language-model head (576 x 49,152 for SmolLM2) runs only at positions that have a
+    label: most of a chat is context, so this skips most of the largest matmul and never holds
+    full-vocabulary logits for the whole batch.
+    """
+    lm = causal_lm(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    nll = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return nll, int(keep.sum())
