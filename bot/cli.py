@@ -119,7 +119,7 @@ def prepare(
     args: argparse.Namespace,
 ) -> Path:
     from training import dataset
-    from training.base_model import load_tokenizer
+    from training.base_model import load_tokenizer, token_counter
     from training.importers import import_messages
     from training.privacy import load_blocklist
 
@@ -144,10 +144,7 @@ def prepare(
         blocklist += load_blocklist(args.blocklist)
     persona = Persona(persona.name, persona.description, tuple(me), tuple(blocklist), persona.root)
 
-    tokenizer = load_tokenizer(args.tokenizer)
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    count_tokens = token_counter(load_tokenizer(args.tokenizer))
 
     cfg = dataset.PrepareConfig(
         me=me,

@@ -19,7 +19,9 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def count_tokens(tokenizer) -> Callable[[str], int]:
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    from training.base_model import token_counter
+
+    return token_counter(tokenizer)
 
 
 @pytest.fixture(scope="session")

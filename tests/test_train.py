@@ -220,3 +220,42 @@ def test_adapters_list_and_rollback(tiny_base, tiny_dataset, tmp_path, capsys):
     assert adapters.active_version(out) == first.version
     assert main(["adapters", "use", "no-such-version", "--adapters", str(out)]) == 2
     assert adapters.active_version(out) == first.version
+
+
+def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, capsys):
+    import shutil
+
+    from bot.cli import main
+
+    from .conftest import FIXTURES
+
+    persona = tmp_path / "alice"
+    (persona / "exports").mkdir(parents=True)
+    (persona / "persona.toml").write_text('name = "Alice"\nme = ["Alice"]\n')
+    shutil.copy(FIXTURES / "whatsapp" / "WhatsApp Chat with Bob Smith.txt", persona / "exports")
+    fresh = tmp_path / "WhatsApp Chat with Dana.txt"
+    fresh.write_text("".join(
+        f"3/{day}/22, 9:0{k} AM - {who}: {text}\n"
+        for day in range(1, 11)
+        for k, (who, text) in enumerate([("Dana", f"plans for day {day}?"), ("Alice", "beach!!\nyou in?")])
+    ))
+    common = ["--persona", str(persona), "--adapters", str(tmp_path / "adapters"),
+              "--base", str(tiny_base), "--max-steps", "2"]
+    assert main(["start", *common]) == 0
+    first = adapters.active_version(tmp_path / "adapters")
+    capsys.readouterr()
+
+    assert main(["retrain", str(fresh), *common]) == 0
+    out = capsys.readouterr().out
+    card = json.loads((persona / "dataset" / "card.json").read_text())
+    assert sorted(s["file"] for s in card["sources"]) == ["WhatsApp Chat with Bob Smith.txt",
+                                                          "WhatsApp Chat with Dana.txt"]
+    assert [p.name for p in (persona / "exports").glob("added-*/*")] == [fresh.name]
+    versions = [v["version"] for v in adapters.versions(tmp_path / "adapters")]
+    assert len(versions) == 2 and first in versions
+    active = adapters.active_version(tmp_path / "adapters")
+    assert "Validation loss: new" in out
+    if active == first:
+        assert "Kept" in out
+    else:
+        assert f"Active adapter: {active}" in out

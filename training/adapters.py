@@ -93,7 +93,7 @@ def check_contract(manifest: dict, folder: Path) -> None:
         )
 
 
-def load(root: Path, version: str | None = None, dtype=None, attention: str = "eager"):
+def load(root: Path, version: str | None = None, dtype=None, attention: str = "sdpa"):
     """Base model with the adapter attached, its tokenizer, and its manifest."""
     from peft import PeftModel
     from transformers import AutoTokenizer

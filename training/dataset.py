@@ -389,6 +389,17 @@ def build(
     return Prepared(train, val, card)
 
 
+def prepare_persona(persona: Persona, out: Path, count_tokens: TokenCounter) -> Prepared:
+    """Everything in the persona's exports/ into a dataset at `out`, with the persona's settings."""
+    from training.importers import import_messages
+
+    report = ImportReport()
+    messages = list(import_messages([persona.exports], report))
+    prepared = build(messages, persona, PrepareConfig(me=list(persona.me)), count_tokens, report)
+    write(prepared, out)
+    return prepared
+
+
 def _jsonl(samples: list[dict]) -> str:
     return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 

@@ -30,7 +30,12 @@ def encode(messages: list[dict[str, str]], tokenizer, max_length: int | None = N
     spans: list[tuple[int, int]] = []
     cursor = 0
     for m in messages:
-        start = text.index(m["content"], cursor) if m["content"] else cursor
+        start = text.find(m["content"], cursor)
+        if start < 0:
+            raise ValueError(
+                "this model's chat template rewrites message text (e.g. trims it), so the "
+                "person's turns cannot be located for the loss mask; use a template that keeps it"
+            )
         cursor = start + len(m["content"])
         if m["role"] == "assistant":
             spans.append((start, cursor))

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from training import adapters
 from training.encode import encode, load_jsonl
@@ -63,7 +64,7 @@ def generate(model, tokenizer, contexts: list[list[dict]], max_new_tokens: int, 
     tokenizer.padding_side = "left"
     out: list[str] = []
     torch.manual_seed(seed)
-    for i in range(0, len(contexts), 8):
+    for i in tqdm(range(0, len(contexts), 8), desc="Generating", unit="batch", disable=None, leave=False):
         texts = [
             tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
             for c in contexts[i : i + 8]
@@ -112,9 +113,9 @@ def evaluate(
 
     pad = tokenizer.pad_token_id
     with model.disable_adapter():
-        base_nll, n_tokens = mean_nll(model, rows(val), pad)
-        prompted_nll, _ = mean_nll(model, rows(val, prompted=True), pad)
-    adapter_nll, _ = mean_nll(model, rows(val), pad)
+        base_nll, n_tokens = mean_nll(model, rows(val), pad, desc="Scoring base")
+        prompted_nll, _ = mean_nll(model, rows(val, prompted=True), pad, desc="Scoring prompted")
+    adapter_nll, _ = mean_nll(model, rows(val), pad, desc="Scoring adapter")
 
     pairs = reply_prompts(val, samples)
     contexts = [c for c, _ in pairs]

@@ -2,7 +2,7 @@
 
 Read top to bottom:
   1. settings     TrainConfig, like TRL's config dataclasses
-  2. speed        glibc allocator tuning, bf16 autocast where the CPU has it, eager attention
+  2. speed        glibc allocator tuning, bf16 where the hardware multiplies it fast, no LoRA dropout
   3. data         samples encoded once; labels only on the person's turns
   4. model        base model + LoRA on every linear layer (peft)
   5. loop         transformers' Trainer: length-grouped batches, the LM head run only where the
@@ -55,8 +55,11 @@ class TrainConfig:
     grad_accum: int = 1
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0           # dropout copies every LoRA input: 29% slower when on
     target_modules: list[str] | str = "all-linear"
+    # LoRA on the top layers only: backward then stops at the lowest adapted layer, and the
+    # layers below run forward without keeping activations (top half: measured 1.4x, less memory).
+    lora_top_layers: float = 0.5
     max_length: int = 640               # tokens; the dataset's budget is 512
     warmup_ratio: float = 0.05
     eval_steps: int = 50
@@ -145,11 +148,23 @@ def read_card(data: Path) -> dict:
 def with_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    targets: list[str] | str = cfg.target_modules
+    layers = None
+    n = getattr(model.config, "num_hidden_layers", 0)
+    if cfg.lora_top_layers < 1 and n:
+        if targets == "all-linear":  # peft takes a layer range only with named modules
+            targets = sorted({
+                name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and "lm_head" not in name
+            })
+        layers = list(range(n - max(1, round(n * cfg.lora_top_layers)), n))
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -248,6 +263,25 @@ def training_args(cfg: TrainConfig, work: Path, precision: str, has_val: bool) -
     )
 
 
+def build_trainer(
+    cfg: TrainConfig, model, tokenizer, train_rows: list[dict], val_rows: list[dict], work: Path,
+    precision: str, trainer_class: type[CloneTrainer] = CloneTrainer,
+) -> CloneTrainer:
+    trainer = trainer_class(
+        model=model,
+        args=training_args(cfg, work, precision, bool(val_rows)),
+        train_dataset=train_rows,
+        eval_dataset=val_rows or None,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)  # replaced by the same bar with tokens/s added
+    trainer.add_callback(TokenProgress(trainer))
+    if cfg.max_minutes:
+        trainer.add_callback(TimeBudget(cfg.max_minutes))
+    return trainer
+
+
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -255,13 +289,18 @@ def library_versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def mean_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+def mean_nll(
+    model, rows: list[dict], pad_id: int, batch_size: int = 8, desc: str = "Scoring"
+) -> tuple[float, int]:
     """Token-weighted mean negative log-likelihood of the labelled tokens of `rows`."""
+    from tqdm import tqdm
+
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    for i in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for i in tqdm(starts, desc=desc, unit="batch", disable=None, leave=False):
         batch = collate([rows[j] for j in order[i : i + batch_size]], pad_id)
         nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
         total, count = total + float(nll), count + n
@@ -312,19 +351,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     set_seed(cfg.seed)
     model = with_lora(load_model(base), cfg)
-    trainer = CloneTrainer(
-        model=model,
-        args=training_args(cfg, work, precision, bool(val_rows)),
-        train_dataset=train_rows,
-        eval_dataset=val_rows or None,
-        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
-        processing_class=tokenizer,
-    )
-    trainer.remove_callback(ProgressCallback)  # replaced by the same bar with tokens/s added
-    trainer.add_callback(TokenProgress(trainer))
-    if cfg.max_minutes:
-        trainer.add_callback(TimeBudget(cfg.max_minutes))
-
+    trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision)
     started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.monotonic() - started
