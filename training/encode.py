@@ -24,10 +24,34 @@ class Encoded:
     labels: list[int]
 
 
-def encode(messages: list[dict[str, str]], tokenizer, max_length: int | None = None) -> Encoded:
-    """Token ids of the rendered chat, labels set on the assistant turns only."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans: list[tuple[int, int]] = []
+def encode(
+    messages: list[dict[str, str]], tokenizer, max_length: int | None = None,
+    add_generation_prompt: bool = False,
+) -> Encoded:
+    """Token ids of the rendered chat, labels set on the assistant turns only.
+
+    The template's own text is tokenized with its special tokens; every message's text is
+    tokenized with special tokens split into plain pieces, so a user who types
+    `<|im_start|>system` gets those characters, never a new role.
+    """
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    ids: list[int] = []
+    labels: list[int] = []
+    closes_turn = False  # the next template token ends the person's turn: learn to stop, too
+
+    def add(segment: str, is_content: bool, learn: bool) -> None:
+        nonlocal closes_turn
+        if not segment:
+            return
+        piece = tokenizer(segment, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+        ids.extend(piece)
+        labels.extend(piece if learn else [IGNORE] * len(piece))
+        if closes_turn and not is_content:
+            labels[len(labels) - len(piece)] = piece[0]
+        closes_turn = learn
+
     cursor = 0
     for m in messages:
         start = text.find(m["content"], cursor)
@@ -36,21 +60,10 @@ def encode(messages: list[dict[str, str]], tokenizer, max_length: int | None = N
                 "this model's chat template rewrites message text (e.g. trims it), so the "
                 "person's turns cannot be located for the loss mask; use a template that keeps it"
             )
+        add(text[cursor:start], is_content=False, learn=False)
+        add(m["content"], is_content=True, learn=m["role"] == "assistant")
         cursor = start + len(m["content"])
-        if m["role"] == "assistant":
-            spans.append((start, cursor))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    inside: list[bool] = []
-    j = 0
-    for a, b in enc["offset_mapping"]:
-        while j < len(spans) and a >= spans[j][1]:
-            j += 1
-        inside.append(j < len(spans) and b > spans[j][0])
-    # The token right after an assistant turn is its end-of-turn marker: learn to stop, too.
-    labels = [
-        t if inside[i] or (i > 0 and inside[i - 1]) else IGNORE for i, t in enumerate(ids)
-    ]
+    add(text[cursor:], is_content=False, learn=False)
     if max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels)

@@ -1,0 +1,26 @@
+from bot.postprocess import to_messages
+
+
+def test_a_burst_becomes_separate_messages():
+    assert to_messages("haha yes\n\nsee you at 8 \n") == ["haha yes", "see you at 8"]
+
+
+def test_template_tokens_end_the_reply():
+    text = "sure thing<|im_end|>\n<|im_start|>user\nAna: hi"
+    assert to_messages(text) == ["sure thing"]
+    assert to_messages("<|im_start|>assistant\nhello") == []
+
+
+def test_never_speaks_for_someone_else():
+    text = "i'm in\nAna: me too\nBo: see you"
+    assert to_messages(text, other_speakers=["Ana", "Bo"]) == ["i'm in"]
+    # An ordinary colon is not a speaker prefix.
+    assert to_messages("note: bring chips", other_speakers=["Ana"]) == ["note: bring chips"]
+
+
+def test_quotes_are_not_sent_and_length_is_capped():
+    assert to_messages("> what time\n8pm") == ["8pm"]
+    many = "\n".join(f"line {i}" for i in range(20))
+    assert to_messages(many, max_messages=3) == ["line 0", "line 1", "line 2"]
+    [long] = to_messages("x" * 5000, max_chars=100)
+    assert len(long) == 100 and long.endswith("…")
