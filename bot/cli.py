@@ -298,6 +298,53 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         )
 
 
+# -- clone chat ----------------------------------------------------------------------------
+
+
+async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
+    import asyncio
+
+    from bot.engine import Engine, Incoming
+    from bot.generation import LocalBackend, load_clone
+    from bot.memory import memory_from_env
+    from training.base_model import token_counter
+
+    model, tokenizer, what = load_clone(args.adapters, getattr(args, "version", None), args.base)
+    memory = memory_from_env(persona.name)
+    backend = LocalBackend(model, tokenizer)
+    engine = Engine(persona, backend, memory, token_counter(tokenizer))
+    interactive = sys.stdin.isatty()
+    print(f"Chatting with {persona.name} ({what}). /reset forgets this chat, /quit leaves.", flush=True)
+    try:
+        while True:
+            if interactive:
+                print("you> ", end="", flush=True)
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line or line.strip() == "/quit":
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/reset":
+                await engine.reset("terminal", "local")
+                print("(conversation forgotten)", flush=True)
+                continue
+            incoming = Incoming("terminal", "local", "terminal-user", "you", text, is_dm=True)
+            for reply in await engine.handle(incoming):
+                print(f"{persona.name}: {reply}", flush=True)
+    finally:
+        await backend.close()
+        await memory.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import asyncio
+
+    persona = load_persona(args.persona)
+    assert persona is not None
+    asyncio.run(chat_loop(args, persona))
+
+
 # -- clone start: the main job ---------------------------------------------------------------
 
 
@@ -317,6 +364,8 @@ def cmd_start(args: argparse.Namespace) -> None:
         print_trained(result)
     else:
         print(f"Active adapter: {active} (`clone retrain` makes a new one)")
+    if not args.no_chat:
+        cmd_chat(args)
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -404,8 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapters_option(p)
     p.set_defaults(func=cmd_retrain)
 
+    p = sub.add_parser("chat", help="chat with the clone in the terminal (works with piped input)")
+    p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
+    p.add_argument("--version", help="adapter version (default: the active one)")
+    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("start", help="the main job: set the persona up end to end")
     p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
+    p.add_argument("--no-chat", action="store_true", help="stop after training, without the chat")
     add_prepare_options(p, FORMATS)
     add_train_options(p, minutes=4.0)
     add_adapters_option(p)

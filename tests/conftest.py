@@ -10,6 +10,12 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def private_memory_file(tmp_path, monkeypatch):
+    """The terminal chat's memory goes to the test's own folder, never the user's."""
+    monkeypatch.setenv("CLONE_MEMORY_FILE", str(tmp_path / "memory.json"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from training.base_model import load_tokenizer

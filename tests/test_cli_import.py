@@ -162,7 +162,7 @@ def test_start_prepares_and_trains_the_sample_persona(tmp_path, capsys, tiny_bas
     persona = tmp_path / "sample"
     shutil.copytree(Path(__file__).parent.parent / "persona_data" / "sample", persona)
     argv = ["start", "--persona", persona, "--adapters", tmp_path / "adapters",
-            "--base", tiny_base, "--max-steps", "2"]
+            "--base", tiny_base, "--max-steps", "2", "--no-chat"]
     code, out, _ = run(argv, capsys)
     assert code == 0, out
     card = json.loads((persona / "dataset" / "card.json").read_text())

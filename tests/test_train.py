@@ -241,7 +241,7 @@ def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, 
     ))
     common = ["--persona", str(persona), "--adapters", str(tmp_path / "adapters"),
               "--base", str(tiny_base), "--max-steps", "2"]
-    assert main(["start", *common]) == 0
+    assert main(["start", *common, "--no-chat"]) == 0
     first = adapters.active_version(tmp_path / "adapters")
     capsys.readouterr()
 

@@ -1,0 +1,96 @@
+"""The chat engine: a message comes in, the clone's messages go out. It knows no platform.
+
+recall the channel's recent conversation -> build the prompt through the prompt contract (the
+one training used) -> generate -> post-process into a burst of messages -> remember the
+exchange, unless the channel was reset meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.generation import Busy
+from bot.memory import ChannelKey, Memory, Turn
+from bot.postprocess import to_messages
+from training.persona import Persona
+from training.prompt import Utterance, to_chat_messages
+
+log = logging.getLogger(__name__)
+BUSY_REPLY = "Sorry, I'm swamped right now. Try again in a minute?"
+
+
+class Backend(Protocol):
+    async def generate(self, messages: list[dict[str, str]]) -> str: ...
+
+
+@dataclass(frozen=True)
+class Incoming:
+    platform: str
+    channel: str
+    author_id: str
+    author: str
+    text: str
+    is_dm: bool = True
+
+
+class Engine:
+    def __init__(
+        self,
+        persona: Persona,
+        backend: Backend,
+        memory: Memory,
+        count_tokens: Callable[[str], int],
+        prompt_tokens: int = 512,  # the dataset's sample budget: the context the clone was trained on
+    ) -> None:
+        self.persona, self.backend, self.memory = persona, backend, memory
+        self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
+
+    def key(self, platform: str, channel: str) -> ChannelKey:
+        return ChannelKey(self.persona.name, platform, channel)
+
+    def prompt(self, history: list[Turn], incoming: Incoming) -> list[dict[str, str]]:
+        """The prompt contract over as much recent history as fits the token budget."""
+        others = {t.author_id for t in history if not t.from_persona} | {incoming.author_id}
+        group = not incoming.is_dm or len(others) > 1
+        utterances = [Utterance(t.author, t.text, t.from_persona) for t in history]
+        utterances.append(Utterance(incoming.author, incoming.text, False))
+        while True:
+            messages = to_chat_messages(self.persona, utterances, group)
+            size = sum(self.count_tokens(m["content"]) + 6 for m in messages)
+            if size <= self.prompt_tokens or len(utterances) == 1:
+                return messages
+            utterances = utterances[1:]  # the oldest goes first
+
+    async def handle(self, incoming: Incoming) -> list[str]:
+        started = time.monotonic()
+        key = self.key(incoming.platform, incoming.channel)
+        history, epoch = await self.memory.recall(key)
+        messages = self.prompt(history, incoming)
+        try:
+            raw = await self.backend.generate(messages)
+        except Busy:
+            log.warning("Busy: a reply in %s/%s was refused", incoming.platform, incoming.channel)
+            return [BUSY_REPLY]
+        speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
+        replies = to_messages(raw, other_speakers=speakers)
+        now = time.time()
+        turns = [Turn(incoming.author_id, incoming.author, incoming.text, False, now)]
+        if replies:
+            turns.append(Turn("persona", self.persona.name, "\n".join(replies), True, now))
+        await self.memory.append(key, turns, epoch)  # refused if the channel was reset meanwhile
+        log.info(
+            "reply platform=%s channel=%s in_chars=%d out_messages=%d history=%d took=%.2fs",
+            incoming.platform, incoming.channel, len(incoming.text), len(replies), len(history),
+            time.monotonic() - started,
+        )
+        return replies
+
+    async def reset(self, platform: str, channel: str) -> None:
+        await self.memory.reset(self.key(platform, channel))
+
+    async def forget(self, author_id: str) -> int:
+        return await self.memory.forget_user(self.persona.name, author_id)

@@ -1,0 +1,108 @@
+"""The engine end to end with a real (tiny) model, the real generation queue and real memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bot.engine import BUSY_REPLY, Engine, Incoming
+from bot.generation import GenerationSettings, LocalBackend
+from bot.memory import ChannelKey, EmbeddedMemory
+from training.base_model import load_model, resolve_base, token_counter
+from training.persona import Persona
+
+REPO = Path(__file__).resolve().parent.parent
+PERSONA = Persona(name="Sam", description="Texts in short bursts.")
+
+
+def make_engine(tiny_base, tokenizer, tmp_path, **settings) -> tuple[Engine, LocalBackend, EmbeddedMemory]:
+    backend = LocalBackend(load_model(resolve_base(str(tiny_base))), tokenizer,
+                           GenerationSettings(max_new_tokens=6, **settings))
+    memory = EmbeddedMemory(tmp_path / "memory.json")
+    return Engine(PERSONA, backend, memory, token_counter(tokenizer)), backend, memory
+
+
+def test_answers_and_remembers_the_exchange(tiny_base, tokenizer, tmp_path):
+    engine, backend, memory = make_engine(tiny_base, tokenizer, tmp_path)
+
+    async def scenario():
+        replies = await engine.handle(Incoming("terminal", "c1", "u1", "Ana", "hello there"))
+        turns, _ = await memory.recall(ChannelKey("Sam", "terminal", "c1"))
+        await backend.close()
+        return replies, turns
+
+    replies, turns = asyncio.run(scenario())
+    assert all(isinstance(r, str) and r and "<|" not in r for r in replies)
+    assert turns[0].text == "hello there" and not turns[0].from_persona
+    assert len(turns) == 1 + bool(replies)
+    if replies:
+        assert turns[1].from_persona and turns[1].text == "\n".join(replies)
+
+
+def test_concurrent_channels_are_batched_and_a_full_queue_says_busy(tiny_base, tokenizer, tmp_path):
+    engine, backend, _ = make_engine(tiny_base, tokenizer, tmp_path, max_batch=8, max_queue=6)
+    sizes: list[int] = []
+    real = backend.generate_batch
+
+    def spy(conversations):
+        sizes.append(len(conversations))
+        return real(conversations)
+
+    backend.generate_batch = spy
+
+    async def scenario():
+        msgs = [Incoming("discord", f"ch{i}", f"u{i}", f"user{i}", f"hi number {i}") for i in range(10)]
+        out = await asyncio.gather(*(engine.handle(m) for m in msgs))
+        await backend.close()
+        return out
+
+    results = asyncio.run(scenario())
+    assert results.count([BUSY_REPLY]) == 4  # ten at once, room for six in the queue
+    assert max(sizes) > 1 and sum(sizes) == 6
+
+
+def test_a_reply_generated_across_a_reset_is_not_remembered(tiny_base, tokenizer, tmp_path):
+    engine, backend, memory = make_engine(tiny_base, tokenizer, tmp_path)
+    gate = asyncio.Event()
+    real = backend.generate
+
+    async def held(messages):  # the real model, held back until the test has reset the channel
+        await gate.wait()
+        return await real(messages)
+
+    backend.generate = held
+
+    async def scenario():
+        key = ChannelKey("Sam", "telegram", "42")
+        task = asyncio.create_task(engine.handle(Incoming("telegram", "42", "u1", "Ana", "secret plan")))
+        await asyncio.sleep(0.05)
+        await engine.reset("telegram", "42")
+        gate.set()
+        await task
+        turns, _ = await memory.recall(key)
+        await backend.close()
+        return turns
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp_path):
+    env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
+    env.pop("REDIS_URL", None)
+    cmd = [sys.executable, "-m", "bot.cli", "chat", "--persona", str(REPO / "persona_data" / "sample"),
+           "--adapters", str(tmp_path / "no-adapters"), "--base", str(tiny_base)]
+    first = subprocess.run(cmd, input="hello clone\n/quit\n", capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "Chatting with Sam Rivera (base model" in first.stdout
+    assert "answering with the base model" in first.stderr  # the warning when there is no adapter
+    stored = json.loads((tmp_path / "memory.json").read_text())
+    assert "hello clone" in json.dumps(stored)
+    second = subprocess.run(cmd, input="/reset\n", capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+    assert second.returncode == 0 and "(conversation forgotten)" in second.stdout
+    assert "hello clone" not in (tmp_path / "memory.json").read_text()
