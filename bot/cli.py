@@ -304,7 +304,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
     import asyncio
 
-    from bot.engine import Engine, Incoming
+    from bot.engine import Delivery, Engine, Incoming
     from bot.generation import LocalBackend, load_clone
     from bot.memory import memory_from_env
     from training.base_model import token_counter
@@ -314,7 +314,9 @@ async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
     backend = LocalBackend(model, tokenizer)
     engine = Engine(persona, backend, memory, token_counter(tokenizer))
     interactive = sys.stdin.isatty()
-    print(f"Chatting with {persona.name} ({what}). /reset forgets this chat, /quit leaves.", flush=True)
+    delivery = Delivery(enabled=interactive and os.environ.get("CLONE_TYPING_DELAY", "1") != "0")
+    print(f"Chatting with {persona.name} ({what}). /reset forgets this chat, /forget deletes what you "
+          f"said, /quit leaves.", flush=True)
     try:
         while True:
             if interactive:
@@ -329,8 +331,13 @@ async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
                 await engine.reset("terminal", "local")
                 print("(conversation forgotten)", flush=True)
                 continue
+            if text == "/forget":
+                removed = await engine.forget("terminal-user")
+                print(f"(deleted {removed} of your messages from memory)", flush=True)
+                continue
             incoming = Incoming("terminal", "local", "terminal-user", "you", text, is_dm=True)
             for reply in await engine.handle(incoming):
+                await asyncio.sleep(delivery.delay(reply))
                 print(f"{persona.name}: {reply}", flush=True)
     finally:
         await backend.close()

@@ -28,6 +28,21 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """Human-like pacing: a pause before each message that grows with its length, bounded."""
+
+    enabled: bool = False
+    chars_per_second: float = 15.0
+    min_s: float = 0.4
+    max_s: float = 4.0
+
+    def delay(self, message: str) -> float:
+        if not self.enabled:
+            return 0.0
+        return min(self.max_s, max(self.min_s, len(message) / self.chars_per_second))
+
+
+@dataclass(frozen=True)
 class Incoming:
     platform: str
     channel: str

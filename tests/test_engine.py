@@ -102,7 +102,9 @@ def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp
     assert "answering with the base model" in first.stderr  # the warning when there is no adapter
     stored = json.loads((tmp_path / "memory.json").read_text())
     assert "hello clone" in json.dumps(stored)
-    second = subprocess.run(cmd, input="/reset\n", capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=120)
-    assert second.returncode == 0 and "(conversation forgotten)" in second.stdout
+    second = subprocess.run(cmd, input="/forget\n/reset\n", capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=120)
+    assert second.returncode == 0
+    assert "(deleted 1 of your messages from memory)" in second.stdout
+    assert "(conversation forgotten)" in second.stdout
     assert "hello clone" not in (tmp_path / "memory.json").read_text()

@@ -24,3 +24,14 @@ def test_quotes_are_not_sent_and_length_is_capped():
     assert to_messages(many, max_messages=3) == ["line 0", "line 1", "line 2"]
     [long] = to_messages("x" * 5000, max_chars=100)
     assert len(long) == 100 and long.endswith("…")
+
+
+def test_typing_delay_grows_with_length_and_is_bounded():
+    from bot.engine import Delivery
+
+    off = Delivery()
+    assert off.delay("a long message " * 20) == 0.0
+    on = Delivery(enabled=True, chars_per_second=10, min_s=0.5, max_s=3.0)
+    assert on.delay("ok") == 0.5
+    assert on.delay("x" * 20) == 2.0
+    assert on.delay("x" * 500) == 3.0
