@@ -307,11 +307,16 @@ async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
     from bot.engine import Delivery, Engine, Incoming
     from bot.generation import LocalBackend, load_clone
     from bot.memory import memory_from_env
-    from training.base_model import token_counter
+    from bot.openai_backend import backend_from_env
+    from training.base_model import load_tokenizer, token_counter
 
-    model, tokenizer, what = load_clone(args.adapters, getattr(args, "version", None), args.base)
+    remote = backend_from_env()
+    if remote is not None:  # LLM_BASE_URL: a vLLM / llama.cpp / `clone serve-model` server
+        backend, tokenizer, what = remote, load_tokenizer(args.base), f"server {remote.base_url}"
+    else:
+        model, tokenizer, what = load_clone(args.adapters, getattr(args, "version", None), args.base)
+        backend = LocalBackend(model, tokenizer)
     memory = memory_from_env(persona.name)
-    backend = LocalBackend(model, tokenizer)
     engine = Engine(persona, backend, memory, token_counter(tokenizer))
     interactive = sys.stdin.isatty()
     delivery = Delivery(enabled=interactive and os.environ.get("CLONE_TYPING_DELAY", "1") != "0")
@@ -350,6 +355,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     persona = load_persona(args.persona)
     assert persona is not None
     asyncio.run(chat_loop(args, persona))
+
+
+def cmd_serve_model(args: argparse.Namespace) -> None:
+    from bot.serve_model import run_serve_model
+
+    run_serve_model(args.adapters, args.version, args.base, args.host, args.port)
 
 
 # -- clone start: the main job ---------------------------------------------------------------
@@ -466,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
     add_adapters_option(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve-model", help="serve the clone over the OpenAI chat-completions API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--version", help="adapter version (default: the active one)")
+    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_serve_model)
 
     p = sub.add_parser("start", help="the main job: set the persona up end to end")
     p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)

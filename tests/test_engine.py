@@ -108,3 +108,42 @@ def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp
     assert "(deleted 1 of your messages from memory)" in second.stdout
     assert "(conversation forgotten)" in second.stdout
     assert "hello clone" not in (tmp_path / "memory.json").read_text()
+
+
+def test_chat_through_a_served_model_over_http(tiny_base, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
+    env.pop("REDIS_URL", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "serve-model", "--port", str(port), "--base", str(tiny_base),
+         "--adapters", str(tmp_path / "none")],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, "serve-model exited"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "serve-model never answered"
+                time.sleep(0.2)
+        chat = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "chat", "--persona", str(REPO / "persona_data" / "sample"),
+             "--base", str(tiny_base)],
+            input="hi over http\n", capture_output=True, text=True, cwd=REPO, timeout=120,
+            env={**env, "LLM_BASE_URL": f"http://127.0.0.1:{port}/v1"},
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert f"(server http://127.0.0.1:{port}/v1)" in chat.stdout
+        assert "hi over http" in (tmp_path / "memory.json").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

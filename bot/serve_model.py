@@ -1,0 +1,137 @@
+"""`clone serve-model`: the clone (a LocalBackend) behind OpenAI's chat-completions API.
+
+Bots on other machines reach it with OpenAIBackend (or any OpenAI client). Concurrent requests
+are batched by LocalBackend's queue; a full queue answers 429, which OpenAIBackend turns back
+into `Busy`. Sampling settings are the server's own (GenerationSettings): a request's
+max_tokens/temperature are accepted and ignored, so all requests can share one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bot.generation import Busy, LocalBackend, load_clone
+from training.encode import encode
+
+log = logging.getLogger(__name__)
+ROLES = {"system", "user", "assistant"}
+_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # <|im_end|>, <|endoftext|>, <|im_start|>...
+_BACKEND = web.AppKey("backend", LocalBackend)
+_MODEL = web.AppKey("model_name", str)
+
+
+def cut_at_marker(text: str) -> str:
+    """The text before the first template marker: the turn ends there."""
+    match = _MARKER.search(text)
+    return text[: match.start()] if match else text
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
+                             status=status)
+
+
+def _bad_request(message: str) -> web.Response:
+    return _error(400, message, "invalid_request_error")
+
+
+def _validate(body: Any) -> list[dict[str, str]] | str:
+    """The messages, or why the body is refused (never quoting message text)."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    if body.get("stream"):
+        return "streaming is not supported"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}].role must be one of {sorted(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"messages[{i}].content must be a string"
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+async def chat_completions(request: web.Request) -> web.Response:
+    backend, model_name = request.app[_BACKEND], request.app[_MODEL]
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad_request("the body is not valid JSON")
+    messages = _validate(body)
+    if isinstance(messages, str):
+        return _bad_request(messages)
+    try:
+        raw = await backend.generate(messages)
+    except Busy:
+        return _error(429, "the model is busy; try again shortly", "rate_limit_error")
+    except Exception:  # generation failed: LocalBackend logged it (without message text)
+        log.warning("A chat completion failed", exc_info=True)
+        return _error(500, "generation failed", "server_error")
+    content = cut_at_marker(raw)
+    tokenizer = backend.tokenizer
+    prompt_tokens = len(encode(messages, tokenizer, add_generation_prompt=True).input_ids)
+    completion_tokens = len(tokenizer(content, add_special_tokens=False)["input_ids"])
+    return web.json_response({
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
+
+
+async def models(request: web.Request) -> web.Response:
+    name = request.app[_MODEL]
+    return web.json_response({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "clone"}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def make_app(backend: LocalBackend, model_name: str) -> web.Application:
+    app = web.Application()
+    app[_BACKEND] = backend
+    app[_MODEL] = model_name
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def serve(backend: LocalBackend, host: str, port: int, model_name: str) -> None:
+    """Serve until cancelled; then stop listening and stop the generation worker."""
+    runner = web.AppRunner(make_app(backend, model_name), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("Serving model %r on http://%s:%d/v1", model_name, host, port)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await backend.close()
+
+
+def run_serve_model(adapters_root: Path, version: str | None, base: str | None, host: str,
+                    port: int, model_name: str = "clone") -> None:
+    """`clone serve-model`: load the clone (active adapter, else base model) and serve it."""
+    model, tokenizer, description = load_clone(adapters_root, version, base)
+    log.info("Loaded %s", description)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
+        asyncio.run(serve(LocalBackend(model, tokenizer), host, port, model_name))
