@@ -147,3 +147,35 @@ def test_chat_through_a_served_model_over_http(tiny_base, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_engine_still_answers_while_redis_is_unreachable(tiny_base, tokenizer, tmp_path, caplog):
+    import socket
+    import time
+
+    from bot.memory import RedisMemory
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = LocalBackend(load_model(resolve_base(str(tiny_base))), tokenizer,
+                           GenerationSettings(max_new_tokens=4))
+    memory = RedisMemory(f"redis://127.0.0.1:{port}/0")
+    engine = Engine(PERSONA, backend, memory, token_counter(tokenizer))
+
+    async def scenario():
+        took = []
+        for i in range(3):
+            start = time.monotonic()
+            replies = await engine.handle(Incoming("telegram", "7", "u1", "Ana", f"message {i}"))
+            took.append(time.monotonic() - start)
+            assert isinstance(replies, list)
+        await backend.close()
+        await memory.close()
+        return took
+
+    with caplog.at_level("WARNING"):
+        took = asyncio.run(scenario())
+    assert max(took) < 5
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "Redis" in r.getMessage()]
+    assert len(warnings) == 1
