@@ -1,0 +1,117 @@
+"""A local fake of the Telegram Bot API, enough to drive python-telegram-bot's real client.
+
+Requests arrive at /bot<TOKEN>/<method> (PTB's base_url + token), form-encoded or JSON. Every call
+is recorded; updates can be queued; the next N sendMessage calls can be answered with HTTP 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT = {"id": 999, "is_bot": True, "first_name": "Sam clone", "username": "sam_clone_bot",
+       "can_join_groups": True, "can_read_all_group_messages": False,
+       "supports_inline_queries": False}
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass
+class FakeTelegram:
+    token: str = "123:TEST"
+    calls: list[Call] = field(default_factory=list)
+    rate_limit_next: int = 0  # answer this many coming sendMessage calls with a 429
+    _updates: list[dict[str, Any]] = field(default_factory=list)
+    _next_update_id: int = 1
+    _next_message_id: int = 1000
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/bot"
+
+    async def start(self) -> None:
+        self._arrived = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/bot{token}/{method}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        with socket.socket() as s:  # a free port
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    def queue(self, message: dict[str, Any]) -> int:
+        """Queue a `message` update; its update_id."""
+        update_id = self._next_update_id
+        self._next_update_id += 1
+        self._updates.append({"update_id": update_id, "message": message})
+        self._arrived.set()
+        return update_id
+
+    def sent(self, method: str = "sendMessage", chat_id: int | None = None) -> list[dict[str, Any]]:
+        return [c.params for c in self.calls if c.method == method
+                and (chat_id is None or str(c.params.get("chat_id")) == str(chat_id))]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.json_response({"ok": False, "error_code": 401,
+                                      "description": "Unauthorized"}, status=401)
+        method = request.match_info["method"]
+        if request.content_type == "application/json":
+            params = await request.json() if request.can_read_body else {}
+        else:
+            params = dict(await request.post())
+        self.calls.append(Call(method, params))
+        if method == "getUpdates":
+            return await self._get_updates(params)
+        if method == "sendMessage":
+            if self.rate_limit_next > 0:
+                self.rate_limit_next -= 1
+                return web.json_response(
+                    {"ok": False, "error_code": 429, "description": "Too Many Requests",
+                     "parameters": {"retry_after": 1}}, status=429)
+            return _ok(self._message(params))
+        if method == "getMe":
+            return _ok(BOT)
+        if method == "getMyCommands":
+            return _ok([])
+        return _ok(True)
+
+    async def _get_updates(self, params: dict[str, Any]) -> web.Response:
+        offset = int(params.get("offset") or 0)
+        self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        if not self._updates:
+            # A short long-poll: PTB asks again at once, so tests stay quick.
+            self._arrived.clear()
+            timeout = min(float(params.get("timeout") or 0), 0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+        return _ok(list(self._updates))
+
+    def _message(self, params: dict[str, Any]) -> dict[str, Any]:
+        self._next_message_id += 1
+        chat_id = int(params["chat_id"])
+        return {"message_id": self._next_message_id, "date": 0, "from": BOT,
+                "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "group"},
+                "text": str(params.get("text", ""))}
+
+
+def _ok(result: Any) -> web.Response:
+    return web.Response(text=json.dumps({"ok": True, "result": result}),
+                        content_type="application/json")

@@ -1,0 +1,236 @@
+"""The real python-telegram-bot Application, polling a local fake Bot API, in front of a real Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from bot.chunks import TELEGRAM_LIMIT, split_message
+from bot.engine import Engine
+from bot.generation import GenerationSettings, LocalBackend
+from bot.memory import ChannelKey, EmbeddedMemory, RedisMemory
+from bot.telegram import build_application
+from tests.fake_telegram import BOT, FakeTelegram
+from training.base_model import load_model, resolve_base
+from training.persona import Persona
+
+PERSONA = Persona(name="Sam", description="Texts in short bursts.")
+ANA = {"id": 11, "is_bot": False, "first_name": "Ana"}
+GROUP = {"id": -500, "type": "group", "title": "friends"}
+
+
+class FixedBackend:
+    """Stands in for the model: the thing under test is the adapter, not the generation."""
+
+    def __init__(self, text: str = "hello\nthere") -> None:
+        self.text, self.prompts = text, []
+
+    async def generate(self, messages):
+        self.prompts.append(messages)
+        await asyncio.sleep(0.05)
+        return self.text
+
+
+def dm(text: str, user=ANA, message_id: int = 1, entities=None) -> dict:
+    msg = {"message_id": message_id, "date": int(time.time()), "from": user,
+           "chat": {"id": user["id"], "type": "private", "first_name": user["first_name"]},
+           "text": text}
+    if entities:
+        msg["entities"] = entities
+    return msg
+
+
+def command(text: str, chat=None, user=ANA) -> dict:
+    msg = dm(text, user)
+    if chat:
+        msg["chat"] = chat
+    msg["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+    return msg
+
+
+def group(text: str, user=ANA, mention: bool = False, reply_to: dict | None = None) -> dict:
+    msg = dm(text, user)
+    msg["chat"] = GROUP
+    if mention:
+        at = "@" + BOT["username"]
+        msg["entities"] = [{"type": "mention", "offset": text.index(at), "length": len(at)}]
+    if reply_to:
+        msg["reply_to_message"] = reply_to
+    return msg
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+def run(engine: Engine, scenario) -> FakeTelegram:
+    """Start the fake and the real Application, run `scenario(fake)`, shut both down cleanly."""
+    fake = FakeTelegram()
+
+    async def main():
+        await fake.start()
+        app = build_application(fake.token, engine, base_url=fake.base_url)
+        await app.initialize()
+        await app.start()
+        await app.updater.start_polling(poll_interval=0, timeout=1)
+        try:
+            await scenario(fake)
+        finally:
+            await app.updater.stop()
+            await app.stop()
+            await app.shutdown()
+            await fake.stop()
+
+    asyncio.run(main())
+    return fake
+
+
+def fixed_engine(tmp_path, count_tokens, backend=None) -> Engine:
+    return Engine(PERSONA, backend or FixedBackend(), EmbeddedMemory(tmp_path / "m.json"), count_tokens)
+
+
+def test_a_dm_with_the_real_model_sends_what_the_engine_returned(tiny_base, tokenizer, tmp_path,
+                                                                 count_tokens):
+    backend = LocalBackend(load_model(resolve_base(str(tiny_base))), tokenizer,
+                           GenerationSettings(max_new_tokens=6))
+    engine = Engine(PERSONA, backend, EmbeddedMemory(tmp_path / "m.json"), count_tokens)
+    results: list[list[str]] = []
+    real = engine.handle
+
+    async def spy(incoming):
+        results.append(await real(incoming))
+        return results[-1]
+
+    engine.handle = spy
+
+    async def scenario(fake):
+        fake.queue(dm("hello there"))
+        await until(lambda: results)
+        await asyncio.sleep(0.3)  # any sends that follow the reply
+        await backend.close()
+
+    fake = run(engine, scenario)
+    expected = [p for r in results[0] for p in split_message(r, TELEGRAM_LIMIT)]
+    assert [m["text"] for m in fake.sent(chat_id=11)] == expected
+    assert fake.sent("sendChatAction", chat_id=11)[0]["action"] == "typing"
+
+
+def test_a_dm_gets_each_message_in_order_to_the_right_chat(tmp_path, count_tokens, caplog):
+    caplog.set_level(logging.DEBUG)
+    backend = FixedBackend()
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+
+    async def scenario(fake):
+        fake.queue(dm("how are you?"))
+        await until(lambda: len(fake.sent()) >= 2)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario)
+    assert [(m["chat_id"], m["text"]) for m in fake.sent()] == [("11", "hello"), ("11", "there")]
+    assert fake.sent("sendChatAction", chat_id=11)[0]["action"] == "typing"
+    assert backend.prompts[0][-1]["content"].endswith("how are you?")
+    ours = [r.getMessage() for r in caplog.records if not r.name.startswith("aiohttp")]
+    assert any("in_chars=12 out_messages=2 sent=2" in m for m in ours)
+    assert not [m for m in ours if "how are you" in m or "hello" in m or fake.token in m]
+
+
+def test_groups_need_a_mention_or_a_reply_and_bots_are_ignored(tmp_path, count_tokens):
+    backend = FixedBackend()
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+    bot_user = {"id": 77, "is_bot": True, "first_name": "Other bot"}
+    own_message = {"message_id": 5, "date": 0, "from": BOT, "chat": GROUP, "text": "earlier"}
+
+    async def scenario(fake):
+        fake.queue(group("just chatting among ourselves"))
+        fake.queue(dm("I am a bot", user=bot_user))
+        fake.queue(group(f"@{BOT['username']} from a bot", user=bot_user, mention=True))
+        await asyncio.sleep(0.5)
+        assert fake.sent() == [] and backend.prompts == []
+        fake.queue(group(f"@{BOT['username']} what's up?", mention=True))
+        await until(lambda: len(fake.sent(chat_id=-500)) == 2)
+        fake.queue(group("and you?", reply_to=own_message))
+        await until(lambda: len(fake.sent(chat_id=-500)) == 4)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario)
+    assert len(backend.prompts) == 2
+    first = backend.prompts[0][-1]["content"]
+    assert first.endswith("what's up?") and "@" not in first  # the mention is stripped
+    assert backend.prompts[1][-1]["content"].endswith("and you?")
+    assert fake.sent(chat_id=77) == []
+
+
+def test_commands_reset_forget_about_help(tmp_path, count_tokens):
+    memory = EmbeddedMemory(tmp_path / "m.json")
+    engine = Engine(PERSONA, FixedBackend(), memory, count_tokens)
+    key = ChannelKey("Sam", "telegram", "11")
+
+    async def scenario(fake):
+        fake.queue(dm("remember me"))
+        await until(lambda: len(fake.sent()) == 2)
+        assert len((await memory.recall(key))[0]) == 2
+        fake.queue(command("/reset"))
+        await until(lambda: len(fake.sent()) == 3)
+        assert (await memory.recall(key))[0] == []
+        fake.queue(dm("again"))
+        await until(lambda: len(fake.sent()) == 5)
+        fake.queue(command("/forget"))
+        await until(lambda: len(fake.sent()) == 6)
+        fake.queue(command("/about"))
+        await until(lambda: len(fake.sent()) == 7)
+        fake.queue(command("/help"))
+        await until(lambda: len(fake.sent()) == 8)
+        fake.queue(command(f"/about@{BOT['username']}", chat=GROUP))
+        await until(lambda: len(fake.sent()) == 9)
+
+    fake = run(engine, scenario)
+    texts = [m["text"] for m in fake.sent()]
+    assert "forgotten" in texts[2]
+    assert texts[5] == "Done: removed 1 of your messages from my memory."
+    assert "AI clone of Sam" in texts[6] and "not Sam in person" in texts[6]
+    assert "/reset" in texts[7] and "/forget" in texts[7]
+    assert fake.sent(chat_id=-500)[0]["text"] == texts[6]
+
+
+def test_a_rate_limit_on_send_is_survived(tmp_path, count_tokens):
+    engine = fixed_engine(tmp_path, count_tokens)
+
+    async def scenario(fake):
+        fake.rate_limit_next = 2  # the first piece and its one retry both get a 429
+        fake.queue(dm("first"))
+        await until(lambda: fake.rate_limit_next == 0)
+        await asyncio.sleep(0.3)
+        fake.queue(dm("second", message_id=2))
+        await until(lambda: len([c for c in fake.calls if c.method == "sendMessage"]) == 4)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario)
+    sends = [c.params["text"] for c in fake.calls if c.method == "sendMessage"]
+    assert sends == ["hello", "hello", "hello", "there"]  # gave up the first reply, then answered
+
+
+def test_with_redis_memory_the_chat_continues_and_forget_counts(tmp_path, count_tokens):
+    persona = Persona(name=f"tg-test-{uuid.uuid4().hex}", description="Texts in short bursts.")
+    backend = FixedBackend()
+    memory = RedisMemory("redis://127.0.0.1:6379/0")
+    engine = Engine(persona, backend, memory, count_tokens)
+
+    async def scenario(fake):
+        fake.queue(dm("first question"))
+        await until(lambda: len(fake.sent()) == 2)
+        fake.queue(dm("second question", message_id=2))
+        await until(lambda: len(fake.sent()) == 4)
+        fake.queue(command("/forget"))
+        await until(lambda: len(fake.sent()) == 5)
+        await engine.reset("telegram", "11")  # leave nothing behind in the shared Redis
+        await memory.close()
+
+    fake = run(engine, scenario)
+    second_prompt = "\n".join(m["content"] for m in backend.prompts[1])
+    assert "first question" in second_prompt and "hello\nthere" in second_prompt
+    assert fake.sent()[4]["text"] == "Done: removed 2 of your messages from my memory."
