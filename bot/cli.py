@@ -301,10 +301,9 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 # -- clone chat ----------------------------------------------------------------------------
 
 
-async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
-    import asyncio
-
-    from bot.engine import Delivery, Engine, Incoming
+def build_engine(args: argparse.Namespace, persona: Persona):
+    """(engine, backend, memory, what): the clone behind the configured backend and memory."""
+    from bot.engine import Engine
     from bot.generation import LocalBackend, load_clone
     from bot.memory import memory_from_env
     from bot.openai_backend import backend_from_env
@@ -317,7 +316,15 @@ async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
         model, tokenizer, what = load_clone(args.adapters, getattr(args, "version", None), args.base)
         backend = LocalBackend(model, tokenizer)
     memory = memory_from_env(persona.name)
-    engine = Engine(persona, backend, memory, token_counter(tokenizer))
+    return Engine(persona, backend, memory, token_counter(tokenizer)), backend, memory, what
+
+
+async def chat_loop(args: argparse.Namespace, persona: Persona) -> None:
+    import asyncio
+
+    from bot.engine import Delivery, Incoming
+
+    engine, backend, memory, what = build_engine(args, persona)
     interactive = sys.stdin.isatty()
     delivery = Delivery(enabled=interactive and os.environ.get("CLONE_TYPING_DELAY", "1") != "0")
     print(f"Chatting with {persona.name} ({what}). /reset forgets this chat, /forget deletes what you "
@@ -355,6 +362,33 @@ def cmd_chat(args: argparse.Namespace) -> None:
     persona = load_persona(args.persona)
     assert persona is not None
     asyncio.run(chat_loop(args, persona))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from bot.serve import Settings, SettingsError, load_dotenv, serve
+
+    try:
+        load_dotenv()
+        settings = Settings.from_env(args.platform)
+    except SettingsError as e:
+        raise CliError(str(e)) from None
+    if args.platform == "discord" or (settings.discord_token and not settings.telegram_token):
+        raise CliError("Discord serving is not in this version yet; set TELEGRAM_TOKEN to serve Telegram")
+    persona = load_persona(args.persona)
+    assert persona is not None
+
+    async def run() -> None:
+        engine, backend, memory, what = build_engine(args, persona)
+        print(f"Serving {persona.name} ({what})", flush=True)
+        try:
+            await serve(engine, settings, args.platform)
+        finally:
+            await backend.close()
+            await memory.close()
+
+    asyncio.run(run())
 
 
 def cmd_serve_model(args: argparse.Namespace) -> None:
@@ -477,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
     add_adapters_option(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve the clone on Telegram (TELEGRAM_TOKEN) in one process")
+    p.add_argument("--platform", choices=["telegram", "discord"], help="serve this platform alone")
+    p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
+    p.add_argument("--version", help="adapter version (default: the active one)")
+    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
+    add_adapters_option(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-model", help="serve the clone over the OpenAI chat-completions API")
     p.add_argument("--host", default="127.0.0.1")
