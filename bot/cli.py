@@ -374,8 +374,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings = Settings.from_env(args.platform)
     except SettingsError as e:
         raise CliError(str(e)) from None
-    if args.platform == "discord" or (settings.discord_token and not settings.telegram_token):
-        raise CliError("Discord serving is not in this version yet; set TELEGRAM_TOKEN to serve Telegram")
     persona = load_persona(args.persona)
     assert persona is not None
 
@@ -384,6 +382,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"Serving {persona.name} ({what})", flush=True)
         try:
             await serve(engine, settings, args.platform)
+        except SettingsError as e:
+            raise CliError(str(e)) from None
         finally:
             await backend.close()
             await memory.close()
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapters_option(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="serve the clone on Telegram (TELEGRAM_TOKEN) in one process")
+    p = sub.add_parser("serve", help="serve the clone on Telegram and Discord (their tokens) in one process")
     p.add_argument("--platform", choices=["telegram", "discord"], help="serve this platform alone")
     p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
     p.add_argument("--version", help="adapter version (default: the active one)")

@@ -26,6 +26,8 @@ class Settings:
     telegram_token: str | None
     telegram_base_url: str | None
     discord_token: str | None
+    discord_api_base: str | None = None     # e.g. http://127.0.0.1:8080/api/v10
+    discord_gateway_url: str | None = None  # e.g. ws://127.0.0.1:8080/gateway
 
     @classmethod
     def from_env(cls, platform: str | None = None) -> Settings:
@@ -33,7 +35,10 @@ class Settings:
             value = os.environ.get(name, "").strip()
             return value or None
 
-        settings = cls(get("TELEGRAM_TOKEN"), get("TELEGRAM_BASE_URL"), get("DISCORD_TOKEN"))
+        settings = cls(
+            get("TELEGRAM_TOKEN"), get("TELEGRAM_BASE_URL"), get("DISCORD_TOKEN"),
+            get("DISCORD_API_BASE"), get("DISCORD_GATEWAY_URL"),
+        )
         if platform == "telegram" and not settings.telegram_token:
             raise SettingsError("--platform telegram needs TELEGRAM_TOKEN")
         if platform == "discord" and not settings.discord_token:
@@ -75,13 +80,37 @@ async def serve(engine, settings: Settings, platform: str | None = None) -> None
         await telegram_app.start()
         await telegram_app.updater.start_polling(drop_pending_updates=False)
         log.info("Telegram: polling")
+    discord_client = discord_task = None
     if settings.discord_token and platform in (None, "discord"):
-        log.warning("Discord serving is not available in this version yet; serving the others")
+        discord_client = start_discord(engine, settings)
+        discord_task = asyncio.create_task(discord_client.start(settings.discord_token))
+        discord_task.add_done_callback(lambda t: stop.set())  # a failed login stops the process
+        log.info("Discord: connecting")
     try:
         await stop.wait()
     finally:
         log.info("Stopping: finishing replies in flight")
+        if discord_client is not None:
+            await discord_client.close()
+            if discord_task is not None and discord_task.done() and not discord_task.cancelled():
+                error = discord_task.exception()
+                if error is not None:
+                    raise SettingsError(f"Discord: {type(error).__name__}: check DISCORD_TOKEN") from None
         if telegram_app is not None:
             await telegram_app.updater.stop()
             await telegram_app.stop()  # waits for the handlers still running
             await telegram_app.shutdown()
+
+
+def start_discord(engine, settings: Settings):
+    """The Discord client, pointed at DISCORD_API_BASE / DISCORD_GATEWAY_URL when those are set."""
+    import discord
+    import yarl
+
+    from bot.discord_bot import build_client
+
+    if settings.discord_api_base:
+        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+    return build_client(engine)

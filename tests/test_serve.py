@@ -59,3 +59,39 @@ def test_serve_answers_on_telegram_and_stops_cleanly_on_sigterm(tiny_base, tmp_p
     assert "Serving Sam Rivera" in out
     assert "hello from telegram" not in err  # no message text in the logs
     assert "Stopping: finishing replies in flight" in err
+
+
+def test_serve_answers_on_discord_through_the_configured_addresses(tiny_base, tmp_path):
+    from .fake_discord import FakeDiscord
+    from .test_discord import ANA, DM_CHANNEL
+
+    async def scenario():
+        fake = FakeDiscord()
+        await fake.start()
+        env = {**os.environ, "DISCORD_TOKEN": "FAKE.TOKEN.secret",
+               "DISCORD_API_BASE": f"http://127.0.0.1:{fake.port}/api/v10",
+               "DISCORD_GATEWAY_URL": f"ws://127.0.0.1:{fake.port}/gateway",
+               "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
+        for name in ("REDIS_URL", "LLM_BASE_URL", "TELEGRAM_TOKEN"):
+            env.pop(name, None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "serve", "--base", str(tiny_base),
+            "--adapters", str(tmp_path / "none"), cwd=REPO, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await until(lambda: fake._ws is not None and not fake._ws.closed, timeout=60)
+            await asyncio.sleep(0.5)  # READY handled
+            await fake.push(fake.message("hello from discord", ANA, DM_CHANNEL))
+            await until(lambda: fake.typing(DM_CHANNEL) > 0, timeout=30)
+            await until(lambda: "hello from discord" in (tmp_path / "memory.json").read_text()
+                        if (tmp_path / "memory.json").exists() else False, timeout=30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            await fake.stop()
+        return proc.returncode, out.decode(), err.decode()
+
+    code, _, err = asyncio.run(scenario())
+    assert code == 0, err
+    assert "hello from discord" not in err and "FAKE.TOKEN.secret" not in err
