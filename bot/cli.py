@@ -454,6 +454,13 @@ def add_adapters_option(p: argparse.ArgumentParser) -> None:
                    help="adapter registry folder (default: ./adapters or $CLONE_ADAPTERS)")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which clone answers: an adapter version, or a base model when there is no adapter."""
+    p.add_argument("--version", help="adapter version (default: the active one)")
+    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
+    add_adapters_option(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.importers import FORMATS
 
@@ -507,25 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with the clone in the terminal (works with piped input)")
     p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
-    p.add_argument("--version", help="adapter version (default: the active one)")
-    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
-    add_adapters_option(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve the clone on Telegram and Discord (their tokens) in one process")
     p.add_argument("--platform", choices=["telegram", "discord"], help="serve this platform alone")
     p.add_argument("--persona", type=Path, default=DEFAULT_PERSONA)
-    p.add_argument("--version", help="adapter version (default: the active one)")
-    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
-    add_adapters_option(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-model", help="serve the clone over the OpenAI chat-completions API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--version", help="adapter version (default: the active one)")
-    p.add_argument("--base", help="base model when there is no adapter (default: packaged SmolLM2)")
-    add_adapters_option(p)
+    add_model_options(p)
     p.set_defaults(func=cmd_serve_model)
 
     p = sub.add_parser("start", help="the main job: set the persona up end to end")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from bot.discord_bot import build_client
 from bot.engine import Engine
 from bot.memory import EmbeddedMemory
 from tests.fake_discord import BOT, FakeDiscord
+from tests.platform_helpers import FixedBackend, until
 from training.persona import Persona
 
 PERSONA = Persona(name="Sam", description="Texts in short bursts.")
@@ -21,25 +21,6 @@ DM_CHANNEL = "300000000000000001"
 GUILD = "400000000000000001"
 GUILD_CHANNEL = "400000000000000002"
 ME = f"<@{BOT['id']}>"
-
-
-class FixedBackend:
-    """Stands in for the model: the thing under test is the adapter, not the generation."""
-
-    def __init__(self, text: str = "hello\nthere") -> None:
-        self.text, self.prompts = text, []
-
-    async def generate(self, messages):
-        self.prompts.append(messages)
-        await asyncio.sleep(0.05)
-        return self.text
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 def run(engine: Engine, monkeypatch, scenario) -> FakeDiscord:

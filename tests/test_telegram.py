@@ -13,24 +13,13 @@ from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory, RedisMemory
 from bot.telegram import build_application
 from tests.fake_telegram import BOT, FakeTelegram
+from tests.platform_helpers import FixedBackend, until
 from training.base_model import load_model, resolve_base
 from training.persona import Persona
 
 PERSONA = Persona(name="Sam", description="Texts in short bursts.")
 ANA = {"id": 11, "is_bot": False, "first_name": "Ana"}
 GROUP = {"id": -500, "type": "group", "title": "friends"}
-
-
-class FixedBackend:
-    """Stands in for the model: the thing under test is the adapter, not the generation."""
-
-    def __init__(self, text: str = "hello\nthere") -> None:
-        self.text, self.prompts = text, []
-
-    async def generate(self, messages):
-        self.prompts.append(messages)
-        await asyncio.sleep(0.05)
-        return self.text
 
 
 def dm(text: str, user=ANA, message_id: int = 1, entities=None) -> dict:
@@ -59,13 +48,6 @@ def group(text: str, user=ANA, mention: bool = False, reply_to: dict | None = No
     if reply_to:
         msg["reply_to_message"] = reply_to
     return msg
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
 
 
 def run(engine: Engine, scenario) -> FakeTelegram:
