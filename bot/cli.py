@@ -7,6 +7,7 @@ Each subcommand is a thin handler; the work lives in `training/` and `bot/`. Hea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -142,7 +143,7 @@ def prepare(
     blocklist = list(persona.blocklist)
     if args.blocklist:
         blocklist += load_blocklist(args.blocklist)
-    persona = Persona(persona.name, persona.description, tuple(me), tuple(blocklist), persona.root)
+    persona = dataclasses.replace(persona, me=tuple(me), blocklist=tuple(blocklist))
 
     count_tokens = token_counter(load_tokenizer(args.tokenizer))
 
@@ -367,6 +368,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
 
+    from bot.gate import GateSettingsError, Rules, gate_from_env
     from bot.serve import Settings, SettingsError, load_dotenv, serve
 
     try:
@@ -376,15 +378,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(e)) from None
     persona = load_persona(args.persona)
     assert persona is not None
+    try:
+        rules = Rules.from_persona(persona)  # before the model loads: a typo fails in a second
+    except GateSettingsError as e:
+        raise CliError(str(e)) from None
 
     async def run() -> None:
         engine, backend, memory, what = build_engine(args, persona)
+        gate = gate_from_env(persona, rules)
         print(f"Serving {persona.name} ({what})", flush=True)
         try:
-            await serve(engine, settings, args.platform)
+            await serve(engine, settings, args.platform, gate)
         except SettingsError as e:
             raise CliError(str(e)) from None
         finally:
+            await gate.close()
             await backend.close()
             await memory.close()
 

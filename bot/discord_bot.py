@@ -18,6 +18,7 @@ import discord
 
 from bot.chunks import DISCORD_LIMIT, split_message
 from bot.engine import Engine, Incoming
+from bot.gate import RATE_LIMIT_REPLY, Gate, Rules, Sender, Verdict
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
@@ -32,11 +33,18 @@ HELP = (
     "/about - what this bot is"
 )
 NO_PINGS = discord.AllowedMentions.none()
+COMMANDS = ("/reset", "/forget", "/help", "/start", "/about")
 
 
-def build_client(engine: Engine, about: str | None = None, **options: Any) -> discord.Client:
+class SelfBotRefused(RuntimeError):
+    """The token belongs to a user account: automating one (a self-bot) breaks Discord's terms."""
+
+
+def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> discord.Client:
     """A ready Client: `await client.start(token)` (or `client.run(token)`).
 
+    `gate` decides who is answered (access lists, rate limit, once per message); without one,
+    everyone is, at the default rate limit, with this process as the only one serving.
     `options` go to discord.Client (e.g. guild_ready_timeout in tests).
     """
     # discord.py's DEBUG logs dump whole gateway payloads (message text included).
@@ -44,7 +52,15 @@ def build_client(engine: Engine, about: str | None = None, **options: Any) -> di
     intents = discord.Intents.default()
     intents.message_content = True  # privileged: enable it in the developer portal too
     client = discord.Client(intents=intents, allowed_mentions=NO_PINGS, **options)
-    about_text = about or DEFAULT_ABOUT.format(name=engine.persona.name)
+    gate = gate or Gate(Rules(), engine.persona.name)
+    about_text = gate.rules.about or DEFAULT_ABOUT.format(name=engine.persona.name)
+
+    async def setup_hook() -> None:  # after login, before the gateway: refuse a user token here
+        if client.user is not None and not client.user.bot:
+            raise SelfBotRefused(
+                "DISCORD_TOKEN belongs to a user account, not a bot; self-bots are not allowed. "
+                "Create a bot in the Discord developer portal and use its token."
+            )
 
     async def on_ready() -> None:
         log.info("discord ready user_id=%s", client.user.id if client.user else None)
@@ -55,53 +71,67 @@ def build_client(engine: Engine, about: str | None = None, **options: Any) -> di
             return
         is_dm = isinstance(message.channel, discord.DMChannel)
         text = message.content or ""
+        channel_id = str(message.channel.id)
         if not is_dm:
-            if not (_mentions(message, me) or _replies_to(message, me)):
+            addressed = _mentions(message, me) or _replies_to(message, me)
+            if not (addressed or gate.rules.listens_in(PLATFORM, channel_id)):
                 return
             text = _strip_mention(text, me.id)
         if not text:
             return
-        channel_id = str(message.channel.id)
-        command = text.split(maxsplit=1)[0].lower()
-        if command == "/reset":
-            await engine.reset(PLATFORM, channel_id)
-            await _send_all(message.channel, ["Okay, fresh start: I've forgotten this channel."])
-            return
-        if command == "/forget":
-            removed = await engine.forget(str(message.author.id))
-            await _send_all(message.channel, [f"Done: removed {removed} of your messages from my memory."])
-            return
-        if command in ("/help", "/start"):
-            await _send_all(message.channel, [HELP])
-            return
-        if command == "/about":
-            await _send_all(message.channel, [about_text])
-            return
-        incoming = Incoming(
-            PLATFORM, channel_id, str(message.author.id),
-            message.author.display_name or "someone", text, is_dm,
-        )
-        started = time.monotonic()
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                await stack.enter_async_context(message.channel.typing())
-            except discord.HTTPException as e:  # cosmetic: never worth losing the reply over
-                log.debug("typing failed channel=%s status=%s", channel_id, e.status)
-            replies = await engine.handle(incoming)
-        sent = await _send_all(message.channel, replies)
+        async with engine.in_order(PLATFORM, channel_id):  # entered before any await
+            command = text.split(maxsplit=1)[0].lower()
+            # Deleting what you said is never refused: not for a blocked user, not over the limit.
+            checks = {"check_access": False, "rate_limited": False} if command == "/forget" else {}
+            verdict = await gate.admit(_sender(message), **checks)
+            if verdict is Verdict.LIMITED:
+                await _send_all(message.channel, [RATE_LIMIT_REPLY])
+            if verdict is not Verdict.ANSWER:
+                return
+            if command in COMMANDS:
+                await _send_all(message.channel, [await command_reply(command, message)])
+                return
+            incoming = Incoming(
+                PLATFORM, channel_id, str(message.author.id),
+                message.author.display_name or "someone", text, is_dm,
+            )
+            started = time.monotonic()
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(message.channel.typing())
+                except discord.HTTPException as e:  # cosmetic: never worth losing the reply over
+                    log.debug("typing failed channel=%s status=%s", channel_id, e.status)
+                replies = await engine.handle(incoming)
+            # In a server, the first message quotes the one it answers: others may have spoken since.
+            sent = await _send_all(message.channel, replies, None if is_dm else message)
         log.info(
             "discord channel=%s msg=%s in_chars=%d out_messages=%d sent=%d took=%.2fs",
             channel_id, message.id, len(text), len(replies), sent, time.monotonic() - started,
         )
 
+    async def command_reply(command: str, message: discord.Message) -> str:
+        if command == "/reset":
+            await engine.reset(PLATFORM, str(message.channel.id))
+            return "Okay, fresh start: I've forgotten this channel."
+        if command == "/forget":
+            removed = await engine.forget(str(message.author.id))
+            return f"Done: removed {removed} of your messages from my memory."
+        return about_text if command == "/about" else HELP
+
     async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
         # Never fatal; the exception's class only: its text could quote a message.
         log.warning("discord error event=%s error=%s", event, type(sys.exc_info()[1]).__name__)
 
+    client.setup_hook = setup_hook  # type: ignore[method-assign]
     client.event(on_ready)
     client.event(on_message)
     client.event(on_error)
     return client
+
+
+def _sender(message: discord.Message) -> Sender:
+    return Sender(PLATFORM, str(message.author.id), str(message.channel.id), str(message.id),
+                  str(message.guild.id) if message.guild else None)
 
 
 def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:
@@ -118,8 +148,11 @@ def _strip_mention(text: str, user_id: int) -> str:
     return " ".join(re.sub(rf"<@!?{user_id}>", " ", text).split())
 
 
-async def _send_all(channel: discord.abc.Messageable, replies: list[str]) -> int:
-    """Send each reply (split at Discord's limit) in order; the number of pieces sent.
+async def _send_all(
+    channel: discord.abc.Messageable, replies: list[str], quote: discord.Message | None = None
+) -> int:
+    """Send each reply (split at Discord's limit) in order, the first quoting `quote` when given;
+    the number of pieces sent.
 
     discord.py waits out rate limits itself; any other HTTP error ends this reply (ids only).
     """
@@ -127,7 +160,9 @@ async def _send_all(channel: discord.abc.Messageable, replies: list[str]) -> int
     channel_id = getattr(channel, "id", None)
     for piece in (p for reply in replies for p in split_message(reply, DISCORD_LIMIT)):
         try:
-            await channel.send(piece, allowed_mentions=NO_PINGS)
+            # fail_if_not_exists=False: still sent when the quoted message was deleted meanwhile.
+            reference = quote.to_reference(fail_if_not_exists=False) if quote and sent == 0 else None
+            await channel.send(piece, allowed_mentions=NO_PINGS, reference=reference)
             sent += 1
         except discord.Forbidden:  # no permission in this channel, or the user blocks DMs
             log.warning("forbidden channel=%s", channel_id)

@@ -7,6 +7,7 @@ exchange, unless the channel was reset meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bot.generation import Busy
-from bot.memory import ChannelKey, Memory, Turn
+from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
 from training.persona import Persona
 from training.prompt import Utterance, to_chat_messages
@@ -63,9 +64,16 @@ class Engine:
     ) -> None:
         self.persona, self.backend, self.memory = persona, backend, memory
         self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
+        self._order = KeyedLocks()
 
     def key(self, platform: str, channel: str) -> ChannelKey:
         return ChannelKey(self.persona.name, platform, channel)
+
+    def in_order(self, platform: str, channel: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold a channel while its message is answered: an adapter enters this first thing (before
+        any await) so that messages of one channel are answered, remembered and sent in arrival
+        order, while other channels go on in parallel."""
+        return self._order.hold(self.key(platform, channel).base())
 
     def prompt(self, history: list[Turn], incoming: Incoming) -> list[dict[str, str]]:
         """The prompt contract over as much recent history as fits the token budget."""

@@ -8,11 +8,12 @@ Both keep, per (persona, platform, channel), the latest turns within `max_turns`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +42,8 @@ class Turn:
     at: float  # unix time
 
 
-def _escape(part: str) -> str:
+def key_part(part: str) -> str:
+    """One part of a Redis key, escaped so that parts never run into each other."""
     # '%' first, so an escaped ':' can never be confused with a literal "%3A" in a part.
     return part.replace("%", "%25").replace(":", "%3A")
 
@@ -53,7 +55,7 @@ class ChannelKey:
     channel: str
 
     def base(self) -> str:
-        return f"clone:{_escape(self.persona)}:{_escape(self.platform)}:{_escape(self.channel)}"
+        return f"clone:{key_part(self.persona)}:{key_part(self.platform)}:{key_part(self.channel)}"
 
     def redis_key(self) -> str:
         return self.base() + ":turns"
@@ -64,7 +66,7 @@ class ChannelKey:
 
 def _author_key(persona: str, author_id: str) -> str:
     """The set of channel bases (ChannelKey.base) in which `author_id` has turns."""
-    return f"clone:{_escape(persona)}:author:{_escape(author_id)}:channels"
+    return f"clone:{key_part(persona)}:author:{key_part(author_id)}:channels"
 
 
 class Memory(Protocol):
@@ -105,9 +107,9 @@ def _check_bounds(max_turns: int, token_budget: int, ttl_days: float) -> None:
         raise ValueError("max_turns and token_budget must be >= 1 and ttl_days > 0")
 
 
-class _KeyLocks:
-    """One asyncio.Lock per channel, dropped when unused: appends from this process reach the store
-    in call order (asyncio.Lock is FIFO), which a connection pool alone does not promise."""
+class KeyedLocks:
+    """One asyncio.Lock per name (a channel), dropped when unused. Callers get the lock in call
+    order (asyncio.Lock is FIFO), which a connection pool or concurrent tasks alone do not promise."""
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -123,6 +125,18 @@ class _KeyLocks:
             del self._locks[name]
         else:
             self._locks[name] = (lock, users - 1)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock = self.acquire_slot(name)  # before the first await: the queue keeps call order
+        try:
+            async with lock:
+                yield
+        finally:
+            self.release_slot(name)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 # KEYS: 1 turns list, 2 epoch, 3.. author sets.
@@ -181,6 +195,21 @@ return removed
 """
 
 
+def connect_redis(url: str, timeout_s: float = 0.5, max_connections: int = 64):
+    """An asyncio Redis client for serving: short timeouts and no retries (a dead server costs one
+    short timeout, not a backoff loop), and a pool that makes a burst of messages wait for a free
+    connection (redis-py's default pool raises once 100 are in use)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0), max_connections=max_connections, timeout=10,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 class RedisMemory:
     """Memory in Redis: one round trip per recall (pipeline) and per append (Lua script).
 
@@ -199,26 +228,15 @@ class RedisMemory:
         count_tokens: Callable[[str], int] = default_count_tokens,
         timeout_s: float = 0.5,
     ) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         _check_bounds(max_turns, token_budget, ttl_days)
         self.max_turns = max_turns
         self.token_budget = token_budget
         self.ttl_ms = int(ttl_days * _DAY * 1000)
         self.count_tokens = count_tokens
-        # No retries: a dead server must cost one short timeout, not a backoff loop.
-        self.client = aioredis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.client = connect_redis(url, timeout_s)
         self._append_script = self.client.register_script(_APPEND_LUA)
         self._forget_script = self.client.register_script(_FORGET_LUA)
-        self._locks = _KeyLocks()
+        self._locks = KeyedLocks()
         self._down = False
 
     def _outage(self, exc: BaseException) -> None:

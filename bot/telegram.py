@@ -12,8 +12,9 @@ import datetime as dtm
 import logging
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 
-from telegram import Message, Update
+from telegram import Bot, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType
 from telegram.error import Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.ext import (
@@ -27,6 +28,7 @@ from telegram.ext import (
 
 from bot.chunks import TELEGRAM_LIMIT, split_message
 from bot.engine import Engine, Incoming
+from bot.gate import RATE_LIMIT_REPLY, Gate, Rules, Sender, Verdict
 
 log = logging.getLogger(__name__)
 PLATFORM = "telegram"
@@ -45,9 +47,13 @@ HELP = (
 
 
 def build_application(
-    token: str, engine: Engine, base_url: str | None = None, about: str | None = None
+    token: str, engine: Engine, base_url: str | None = None, gate: Gate | None = None
 ) -> Application:
-    """A ready Application: run it with `run_polling()` or initialize/start/updater yourself."""
+    """A ready Application: run it with `run_polling()` or initialize/start/updater yourself.
+
+    `gate` decides who is answered (access lists, rate limit, once per message); without one,
+    everyone is, at the default rate limit, with this process as the only one serving.
+    """
     # httpx logs every request URL at INFO, and the URL carries the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # PTB's own DEBUG logs print the token and whole updates (message text included).
@@ -56,7 +62,15 @@ def build_application(
     if base_url:
         builder = builder.base_url(base_url)  # PTB appends the token and the method name
     app = builder.build()
-    about_text = about or DEFAULT_ABOUT.format(name=engine.persona.name)
+    gate = gate or Gate(Rules(), engine.persona.name)
+    about_text = gate.rules.about or DEFAULT_ABOUT.format(name=engine.persona.name)
+
+    async def admitted(message: Message, **checks: bool) -> bool:
+        """Whether to answer this message; tells the user politely when they go too fast."""
+        verdict = await gate.admit(_sender(message), **checks)
+        if verdict is Verdict.LIMITED:
+            await _send_all(app.bot, message.chat_id, [RATE_LIMIT_REPLY])
+        return verdict is Verdict.ANSWER
 
     async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -65,60 +79,77 @@ def build_application(
         is_dm = message.chat.type == ChatType.PRIVATE
         text = message.text
         if not is_dm:
-            if not (_mentions(message, context) or _replies_to_bot(message, context)):
+            addressed = _mentions(message, context) or _replies_to_bot(message, context)
+            if not (addressed or gate.rules.listens_in(PLATFORM, str(message.chat_id))):
                 return
             text = _strip_mention(text, context.bot.username)
             if not text:
                 return
-        user = message.from_user
-        incoming = Incoming(
-            PLATFORM, str(message.chat_id), str(user.id) if user else "unknown",
-            (user.full_name if user else "") or "someone", text, is_dm,
-        )
-        started = time.monotonic()
-        replies = await _with_typing(context, message.chat_id, engine.handle(incoming))
-        sent = await _send_all(context, message.chat_id, replies)
+        async with engine.in_order(PLATFORM, str(message.chat_id)):  # entered before any await
+            if not await admitted(message):
+                return
+            user = message.from_user
+            incoming = Incoming(
+                PLATFORM, str(message.chat_id), str(user.id) if user else "unknown",
+                (user.full_name if user else "") or "someone", text, is_dm,
+            )
+            started = time.monotonic()
+            replies = await _with_typing(context, message.chat_id, engine.handle(incoming))
+            # In a group, the first message quotes the one it answers: others may have spoken since.
+            quote = None if is_dm else message.message_id
+            sent = await _send_all(context.bot, message.chat_id, replies, quote)
         log.info(
             "telegram chat=%s msg=%s in_chars=%d out_messages=%d sent=%d took=%.2fs",
             message.chat_id, message.message_id, len(text), len(replies), sent,
             time.monotonic() - started,
         )
 
-    async def on_reset(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message = update.effective_message
-        if message is None or _from_bot(message):
-            return
+    def command(reply: Callable[[Message], Awaitable[str]], **checks: bool):
+        async def handler(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            message = update.effective_message
+            if message is None or message.from_user is None or _from_bot(message):
+                return
+            async with engine.in_order(PLATFORM, str(message.chat_id)):
+                if await admitted(message, **checks):
+                    await _send_all(context.bot, message.chat_id, [await reply(message)])
+
+        return handler
+
+    async def reset(message: Message) -> str:
         await engine.reset(PLATFORM, str(message.chat_id))
-        await _send_all(context, message.chat_id, ["Okay, fresh start: I've forgotten this chat."])
+        return "Okay, fresh start: I've forgotten this chat."
 
-    async def on_forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        message = update.effective_message
-        if message is None or message.from_user is None or _from_bot(message):
-            return
+    async def forget(message: Message) -> str:
         removed = await engine.forget(str(message.from_user.id))
-        reply = f"Done: removed {removed} of your messages from my memory."
-        await _send_all(context, message.chat_id, [reply])
+        return f"Done: removed {removed} of your messages from my memory."
 
-    async def on_help(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if update.effective_message and not _from_bot(update.effective_message):
-            await _send_all(context, update.effective_message.chat_id, [HELP])
+    async def help_text(message: Message) -> str:
+        return HELP
 
-    async def on_about(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        if update.effective_message and not _from_bot(update.effective_message):
-            await _send_all(context, update.effective_message.chat_id, [about_text])
+    async def about(message: Message) -> str:
+        return about_text
 
     async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         update_id = update.update_id if isinstance(update, Update) else None
         # The error's class only: the exception text could quote a message.
         log.warning("telegram error update=%s error=%s", update_id, type(context.error).__name__)
 
-    app.add_handler(CommandHandler("reset", on_reset))
-    app.add_handler(CommandHandler("forget", on_forget))
-    app.add_handler(CommandHandler(["help", "start"], on_help))
-    app.add_handler(CommandHandler("about", on_about))
-    app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, on_text))
+    new_messages = filters.UpdateType.MESSAGE  # an edit is not a new message to answer
+    app.add_handler(CommandHandler("reset", command(reset), filters=new_messages))
+    # Deleting what you said is never refused: not for a blocked user, not over the rate limit.
+    app.add_handler(CommandHandler(
+        "forget", command(forget, check_access=False, rate_limited=False), filters=new_messages))
+    app.add_handler(CommandHandler(["help", "start"], command(help_text), filters=new_messages))
+    app.add_handler(CommandHandler("about", command(about), filters=new_messages))
+    app.add_handler(MessageHandler(new_messages & filters.TEXT & ~filters.COMMAND, on_text))
     app.add_error_handler(on_error)
     return app
+
+
+def _sender(message: Message) -> Sender:
+    user = message.from_user
+    return Sender(PLATFORM, str(user.id) if user else "unknown", str(message.chat_id),
+                  str(message.message_id))
 
 
 def _from_bot(message: Message) -> bool:
@@ -177,8 +208,9 @@ def _retry_seconds(error: RetryAfter) -> float:
     return min(MAX_RETRY_WAIT_S, max(0.0, seconds))
 
 
-async def _send_all(context: ContextTypes.DEFAULT_TYPE, chat_id: int, replies: list[str]) -> int:
-    """Send each reply (split at Telegram's limit) in order; the number of pieces sent.
+async def _send_all(bot: Bot, chat_id: int, replies: list[str], quote: int | None = None) -> int:
+    """Send each reply (split at Telegram's limit) in order, the first quoting message `quote` when
+    given; the number of pieces sent.
 
     A rate limit is waited out once; any other Telegram error ends this reply (logged, ids only).
     """
@@ -187,7 +219,10 @@ async def _send_all(context: ContextTypes.DEFAULT_TYPE, chat_id: int, replies: l
     for piece in pieces:
         for attempt in (1, 2):
             try:
-                await context.bot.send_message(chat_id, piece)
+                reply_to = None
+                if quote is not None and sent == 0:  # still sent if that message was deleted
+                    reply_to = ReplyParameters(quote, allow_sending_without_reply=True)
+                await bot.send_message(chat_id, piece, reply_parameters=reply_to)
                 sent += 1
                 break
             except RetryAfter as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -22,8 +23,12 @@ ANA = {"id": 11, "is_bot": False, "first_name": "Ana"}
 GROUP = {"id": -500, "type": "group", "title": "friends"}
 
 
-def dm(text: str, user=ANA, message_id: int = 1, entities=None) -> dict:
-    msg = {"message_id": message_id, "date": int(time.time()), "from": user,
+_message_ids = itertools.count(1)
+
+
+def dm(text: str, user=ANA, message_id: int | None = None, entities=None) -> dict:
+    """A private-chat message; each gets its own id unless `message_id` says otherwise."""
+    msg = {"message_id": message_id or next(_message_ids), "date": int(time.time()), "from": user,
            "chat": {"id": user["id"], "type": "private", "first_name": user["first_name"]},
            "text": text}
     if entities:

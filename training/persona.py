@@ -6,7 +6,7 @@ They live in `persona_data/<persona>/persona.toml`, beside the person's exports.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -21,6 +21,8 @@ class Persona:
     me: tuple[str, ...] = ()          # author names or ids that are this person, across platforms
     blocklist: tuple[str, ...] = ()   # words and names to redact before training
     root: Path | None = None          # the persona's folder, when loaded from one
+    # The [serve] table as written: who the bot answers and how often. bot.gate validates it.
+    serve: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def exports(self) -> Path | None:
@@ -52,4 +54,7 @@ class Persona:
         description = data.get("description", "")
         if not isinstance(description, str):
             raise PersonaError(f"{path}: `description` must be a string")
-        return cls(name.strip(), description.strip(), strings("me"), strings("blocklist"), folder)
+        serve = data.get("serve", {})
+        if not isinstance(serve, dict):
+            raise PersonaError(f"{path}: `serve` must be a table ([serve])")
+        return cls(name.strip(), description.strip(), strings("me"), strings("blocklist"), folder, serve)

@@ -1,0 +1,281 @@
+"""Who gets an answer: access lists, a per-user rate limit, and one reply per incoming message.
+
+The rules come from the persona's `[serve]` table in persona.toml (validated at start, errors name
+the key); the state (rate buckets, answered message ids) lives in Redis when REDIS_URL is set, so
+that two processes overlapping during a deploy answer each message once and share one rate limit,
+and in this process otherwise. The gate knows platforms only as names and ids, like the engine.
+
+    [serve]
+    owner = ["telegram:123456789", "discord:80351110224678912"]
+    allow_users = []          # when any allow list is set, only what one of them names is answered
+    block_users = ["telegram:42"]
+    allow_chats = []          # Telegram chats, Discord channels
+    block_chats = []
+    allow_servers = []        # Discord servers (guilds)
+    block_servers = []
+    reply_in = ["discord:1234"]   # chats answered without a mention
+    messages_per_minute = 6   # per user; 0 turns the limit off
+    about = "..."             # the /about text
+
+The owner is always answered and never rate limited; a block list beats an allow list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from bot.memory import connect_redis, key_part
+from training.persona import Persona
+
+log = logging.getLogger(__name__)
+
+PLATFORMS = ("telegram", "discord")
+DEFAULT_MESSAGES_PER_MINUTE = 6
+SEEN_TTL_S = 24 * 3600  # a platform re-delivers a message within minutes, not days
+RATE_LIMIT_REPLY = (
+    "You're sending messages faster than I can keep up with. Give me a minute, then try again."
+)
+_ID = re.compile(r"^(telegram|discord):(-?\d+)$")
+_ID_LISTS = ("owner", "allow_users", "block_users", "allow_chats", "block_chats",
+             "allow_servers", "block_servers", "reply_in")
+
+
+class GateSettingsError(ValueError):
+    """A [serve] setting that is wrong; the message names the file and the key."""
+
+
+class Verdict(Enum):
+    ANSWER = "answer"
+    IGNORE = "ignore"              # not allowed here: no reply at all
+    DUPLICATE = "duplicate"        # another process (or a re-delivery) already took this message
+    LIMITED = "limited"            # over the rate limit: say so politely, once
+    LIMITED_QUIET = "limited_quiet"  # still over it, and already told
+
+
+@dataclass(frozen=True)
+class Sender:
+    """An incoming message as the gate sees it: platform-qualified ids, nothing else."""
+
+    platform: str
+    user_id: str
+    chat_id: str
+    message_id: str
+    server_id: str | None = None  # a Discord guild; None in DMs and on Telegram
+
+    def qualified(self, value: str) -> str:
+        return f"{self.platform}:{value}"
+
+
+@dataclass(frozen=True)
+class Rules:
+    owner: frozenset[str] = frozenset()
+    allow_users: frozenset[str] = frozenset()
+    block_users: frozenset[str] = frozenset()
+    allow_chats: frozenset[str] = frozenset()
+    block_chats: frozenset[str] = frozenset()
+    allow_servers: frozenset[str] = frozenset()
+    block_servers: frozenset[str] = frozenset()
+    reply_in: frozenset[str] = frozenset()
+    messages_per_minute: float = DEFAULT_MESSAGES_PER_MINUTE
+    about: str | None = None
+
+    @classmethod
+    def from_persona(cls, persona: Persona) -> Rules:
+        where = f"{persona.root / 'persona.toml' if persona.root else 'persona'} [serve]"
+        return cls.parse(persona.serve, where)
+
+    @classmethod
+    def parse(cls, table: dict[str, Any], where: str = "[serve]") -> Rules:
+        known = (*_ID_LISTS, "messages_per_minute", "about")
+        for key in table:
+            if key not in known:
+                raise GateSettingsError(f"{where}: unknown setting `{key}` (known: {', '.join(known)})")
+        lists: dict[str, frozenset[str]] = {}
+        for key in _ID_LISTS:
+            value = table.get(key, [])
+            if not isinstance(value, list):
+                raise GateSettingsError(f"{where}: `{key}` must be a list of \"platform:id\" strings")
+            for i, item in enumerate(value):
+                if not isinstance(item, str) or not _ID.match(item.strip()):
+                    raise GateSettingsError(
+                        f"{where}: `{key}[{i}]` is {item!r}; write ids as \"telegram:<number>\" "
+                        f"or \"discord:<number>\""
+                    )
+            lists[key] = frozenset(item.strip() for item in value)
+        rate = table.get("messages_per_minute", DEFAULT_MESSAGES_PER_MINUTE)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
+            raise GateSettingsError(f"{where}: `messages_per_minute` must be a number >= 0 (0: no limit)")
+        about = table.get("about")
+        if about is not None and (not isinstance(about, str) or not about.strip()):
+            raise GateSettingsError(f"{where}: `about` must be a non-empty string")
+        return cls(**lists, messages_per_minute=float(rate), about=about.strip() if about else None)
+
+    def is_owner(self, sender: Sender) -> bool:
+        return sender.qualified(sender.user_id) in self.owner
+
+    def listens_in(self, platform: str, chat_id: str) -> bool:
+        """Whether every message in this group chat or channel is for the clone, mention or not."""
+        return f"{platform}:{chat_id}" in self.reply_in
+
+    def allows(self, sender: Sender) -> bool:
+        if self.is_owner(sender):
+            return True
+        user, chat = sender.qualified(sender.user_id), sender.qualified(sender.chat_id)
+        server = sender.qualified(sender.server_id) if sender.server_id else None
+        if user in self.block_users or chat in self.block_chats or server in self.block_servers:
+            return False
+        if not (self.allow_users or self.allow_chats or self.allow_servers):
+            return True
+        return user in self.allow_users or chat in self.allow_chats or server in self.allow_servers
+
+
+# -- state: answered messages and rate buckets --------------------------------------------------
+
+
+class LocalState:
+    """The gate's state in this process: enough for one process (and embedded memory)."""
+
+    def __init__(self, max_seen: int = 100_000) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._buckets: dict[str, tuple[float, float, bool]] = {}  # key -> (tokens, at, warned)
+        self.max_seen = max_seen
+
+    async def claim(self, key: str) -> bool:
+        now = time.monotonic()
+        while self._seen and (len(self._seen) >= self.max_seen or next(iter(self._seen.values())) < now):
+            self._seen.popitem(last=False)
+        if key in self._seen:
+            return False
+        self._seen[key] = now + SEEN_TTL_S
+        return True
+
+    async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
+        tokens, at, warned = self._buckets.get(key, (capacity, now, False))
+        tokens = min(capacity, tokens + max(0.0, now - at) * per_second)
+        if tokens >= 1:
+            result, tokens, warned = _TAKEN, tokens - 1, False
+        else:
+            result, warned = (_QUIET if warned else _WARN), True
+        self._buckets[key] = (tokens, now, warned)
+        if len(self._buckets) > 10_000:  # many one-off users: forget the buckets that refilled
+            self._buckets = {k: (t, a, w) for k, (t, a, w) in self._buckets.items()
+                             if t + (now - a) * per_second < capacity}
+        return result
+
+    async def close(self) -> None:
+        return None
+
+
+_TAKEN, _WARN, _QUIET = 1, 2, 0
+
+# KEYS: 1 the bucket hash. ARGV: 1 capacity, 2 tokens per ms, 3 now ms, 4 ttl ms.
+# Returns 1 taken, 2 refused (tell the user), 0 refused (already told).
+_TAKE_LUA = """
+local cap, rate, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'warned')
+local tokens, at = tonumber(b[1]) or cap, tonumber(b[2]) or now
+local warned = b[3] == '1'
+tokens = math.min(cap, tokens + math.max(0, now - at) * rate)
+local result
+if tokens >= 1 then
+  tokens, warned, result = tokens - 1, false, 1
+elseif warned then
+  result = 0
+else
+  warned, result = true, 2
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', ARGV[3], 'warned', warned and '1' or '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return result
+"""
+
+
+class RedisState:
+    """The gate's state in Redis, shared by every process serving this persona. One round trip per
+    call. While Redis is unreachable the gate lets messages through: answering a message twice
+    during an outage beats answering it never."""
+
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        self.client = connect_redis(url, timeout_s)
+        self._take = self.client.register_script(_TAKE_LUA)
+        self._down = False
+
+    async def _call(self, fallback: Any, coro) -> Any:
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        try:
+            result = await coro
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            if not self._down:
+                self._down = True
+                log.warning("gate: Redis unreachable (%s); answering without dedup or rate limit",
+                            type(exc).__name__)
+            return fallback
+        if self._down:
+            self._down = False
+            log.info("gate: Redis is reachable again")
+        return result
+
+    async def claim(self, key: str) -> bool:
+        return bool(await self._call(True, self.client.set(key, "1", nx=True, ex=SEEN_TTL_S)))
+
+    async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
+        ttl_ms = int(capacity / per_second * 1000) + 1000  # a full refill, then the bucket is moot
+        args = [capacity, per_second / 1000, int(now * 1000), ttl_ms]
+        return int(await self._call(_TAKEN, self._take(keys=[key], args=args)))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class Gate:
+    rules: Rules
+    persona: str
+    state: LocalState | RedisState = field(default_factory=LocalState)
+    clock: Callable[[], float] = time.time
+
+    def _key(self, kind: str, *parts: str) -> str:
+        return ":".join(["clone", key_part(self.persona), kind, *(key_part(p) for p in parts)])
+
+    async def admit(self, sender: Sender, *, check_access: bool = True, rate_limited: bool = True) -> Verdict:
+        """The verdict for one addressed message. Call it once per message: it claims the message
+        id, so a second call (or another process) gets DUPLICATE."""
+        if check_access and not self.rules.allows(sender):
+            log.info("gate: ignored %s user=%s chat=%s (access lists)", sender.platform, sender.user_id,
+                     sender.chat_id)
+            return Verdict.IGNORE
+        claimed = await self.state.claim(
+            self._key("seen", sender.platform, sender.chat_id, sender.message_id))
+        if not claimed:
+            log.info("gate: %s chat=%s msg=%s already answered", sender.platform, sender.chat_id,
+                     sender.message_id)
+            return Verdict.DUPLICATE
+        per_minute = self.rules.messages_per_minute
+        if not rate_limited or per_minute <= 0 or self.rules.is_owner(sender):
+            return Verdict.ANSWER
+        taken = await self.state.take(
+            self._key("rate", sender.platform, sender.user_id), per_minute, per_minute / 60, self.clock())
+        if taken == _TAKEN:
+            return Verdict.ANSWER
+        log.info("gate: rate limited %s user=%s", sender.platform, sender.user_id)
+        return Verdict.LIMITED if taken == _WARN else Verdict.LIMITED_QUIET
+
+    async def close(self) -> None:
+        await self.state.close()
+
+
+def gate_from_env(persona: Persona, rules: Rules | None = None) -> Gate:
+    """The persona's gate, with its state in Redis when REDIS_URL is set. Raises GateSettingsError
+    for a bad [serve] table."""
+    rules = rules or Rules.from_persona(persona)
+    url = os.environ.get("REDIS_URL")
+    return Gate(rules, persona.name, RedisState(url) if url else LocalState())

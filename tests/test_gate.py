@@ -1,0 +1,261 @@
+"""The gate: [serve] settings, access lists, the per-user rate limit and once-per-message claims,
+in this process and in a real Redis shared by two gates (two processes during a deploy)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import pytest
+import redis
+
+from bot.gate import (
+    Gate,
+    GateSettingsError,
+    LocalState,
+    RedisState,
+    Rules,
+    Sender,
+    Verdict,
+    gate_from_env,
+)
+from training.persona import Persona, PersonaError
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def sender(user: str = "1", chat: str = "1", message: str | None = None, server: str | None = None,
+           platform: str = "telegram") -> Sender:
+    return Sender(platform, user, chat, message or uuid.uuid4().hex, server)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gates:
+    """Gates for one fresh persona; with "redis", every gate made shares the real server."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.persona, self.made = kind, f"gate-test-{uuid.uuid4().hex}", []
+
+    def __call__(self, rules: Rules | None = None, clock=None) -> Gate:
+        state = RedisState(REDIS_URL) if self.kind == "redis" else LocalState()
+        self.made.append(Gate(rules or Rules(), self.persona, state, clock or Clock()))
+        return self.made[-1]
+
+    def run(self, scenario) -> None:
+        """asyncio.run(scenario()), closing the gates' connections inside the same loop."""
+
+        async def main():
+            try:
+                await scenario()
+            finally:
+                for gate in self.made:
+                    await gate.close()
+
+        asyncio.run(main())
+
+
+@pytest.fixture(params=["local", "redis"])
+def make_gate(request):
+    gates = Gates(request.param)
+    yield gates
+    persona = gates.persona
+    if request.param == "redis":
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"clone:{persona}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def test_a_full_serve_table_parses():
+    rules = Rules.parse({
+        "owner": ["telegram:10", "discord:20"], "allow_users": ["telegram:11"],
+        "block_chats": ["telegram:-100200"], "reply_in": ["discord:30"],
+        "messages_per_minute": 2.5, "about": "  An AI version of Sam.  ",
+    })
+    assert rules.owner == {"telegram:10", "discord:20"}
+    assert rules.block_chats == {"telegram:-100200"}
+    assert rules.messages_per_minute == 2.5 and rules.about == "An AI version of Sam."
+    assert rules.listens_in("discord", "30") and not rules.listens_in("telegram", "30")
+
+
+@pytest.mark.parametrize("table, named", [
+    ({"allow_user": ["telegram:1"]}, "unknown setting `allow_user`"),
+    ({"owner": "telegram:1"}, "`owner` must be a list"),
+    ({"block_users": ["telegram:1", 42]}, "`block_users[1]` is 42"),
+    ({"allow_servers": ["slack:1"]}, "`allow_servers[0]` is 'slack:1'"),
+    ({"allow_chats": ["telegram:abc"]}, "`allow_chats[0]`"),
+    ({"messages_per_minute": -1}, "`messages_per_minute` must be a number >= 0"),
+    ({"messages_per_minute": "6"}, "`messages_per_minute`"),
+    ({"about": ""}, "`about` must be a non-empty string"),
+])
+def test_a_bad_serve_setting_is_named(table, named):
+    with pytest.raises(GateSettingsError) as e:
+        Rules.parse(table, "persona.toml [serve]")
+    assert str(e.value).startswith("persona.toml [serve]: ") and named in str(e.value)
+
+
+def test_serve_settings_come_from_persona_toml(tmp_path):
+    (tmp_path / "persona.toml").write_text(
+        'name = "Sam"\n[serve]\nowner = ["discord:5"]\nmessages_per_minute = 0\n')
+    rules = Rules.from_persona(Persona.load(tmp_path))
+    assert rules.owner == {"discord:5"} and rules.messages_per_minute == 0
+    (tmp_path / "persona.toml").write_text('name = "Sam"\n[serve]\nowner = ["discord:x"]\n')
+    with pytest.raises(GateSettingsError, match=r"persona.toml \[serve\]: `owner\[0\]`"):
+        gate_from_env(Persona.load(tmp_path))
+    (tmp_path / "persona.toml").write_text('name = "Sam"\nserve = 3\n')
+    with pytest.raises(PersonaError, match="`serve` must be a table"):
+        Persona.load(tmp_path)
+
+
+def test_the_sample_persona_serves_everyone():
+    from pathlib import Path
+
+    rules = Rules.from_persona(Persona.load(Path(__file__).parent.parent / "persona_data" / "sample"))
+    assert rules.allows(sender())
+
+
+# -- access ----------------------------------------------------------------------------------
+
+
+def test_no_lists_means_everyone_and_block_lists_win():
+    assert Rules().allows(sender())
+    rules = Rules(block_users=frozenset({"telegram:2"}), block_chats=frozenset({"telegram:-9"}),
+                  block_servers=frozenset({"discord:7"}), allow_users=frozenset({"telegram:2"}))
+    assert not rules.allows(sender(user="2"))                   # blocked, though also allowed
+    assert not rules.allows(sender(user="3"))                   # an allow list exists: not on it
+    rules = Rules(block_users=frozenset({"telegram:2"}), block_chats=frozenset({"telegram:-9"}),
+                  block_servers=frozenset({"discord:7"}))
+    assert not rules.allows(sender(chat="-9"))
+    assert not rules.allows(sender(platform="discord", server="7", chat="70"))
+    assert rules.allows(sender(platform="discord", server="8", chat="70"))
+    assert not rules.allows(sender(user="2", chat="2"))
+    assert rules.allows(sender(platform="discord", user="2", chat="2"))  # ids are per platform
+
+
+def test_allow_lists_are_a_union_and_the_owner_always_passes():
+    rules = Rules(owner=frozenset({"discord:1"}), allow_users=frozenset({"telegram:5"}),
+                  allow_chats=frozenset({"telegram:-50"}), allow_servers=frozenset({"discord:9"}),
+                  block_users=frozenset({"discord:1"}))
+    assert rules.allows(sender(user="5", chat="5"))                       # a friend, in a DM
+    assert rules.allows(sender(user="6", chat="-50"))                     # anyone in the family group
+    assert rules.allows(sender(platform="discord", user="6", chat="90", server="9"))
+    assert not rules.allows(sender(user="6", chat="6"))                   # a stranger's DM
+    assert not rules.allows(sender(platform="discord", user="6", chat="90", server="8"))
+    assert rules.allows(sender(platform="discord", user="1", chat="1"))   # the owner, listed or not
+
+
+# -- state: claims and the rate limit ----------------------------------------------------------
+
+
+def test_each_message_is_claimed_once(make_gate):
+    async def scenario():
+        gate = make_gate()
+        first = sender(chat="-1", message="77")
+        assert await gate.admit(first) is Verdict.ANSWER
+        assert await gate.admit(first) is Verdict.DUPLICATE
+        assert await gate.admit(sender(chat="-2", message="77")) is Verdict.ANSWER  # ids are per chat
+
+    make_gate.run(scenario)
+
+
+def test_the_rate_limit_tells_once_then_refills(make_gate):
+    async def scenario():
+        clock = Clock()
+        gate = make_gate(Rules(messages_per_minute=3), clock)
+        verdicts = [await gate.admit(sender(user="8")) for _ in range(5)]
+        assert verdicts == [Verdict.ANSWER] * 3 + [Verdict.LIMITED, Verdict.LIMITED_QUIET]
+        assert await gate.admit(sender(user="9")) is Verdict.ANSWER  # per user
+        clock.now += 19  # 0.95 of a message back: not yet
+        assert await gate.admit(sender(user="8")) is Verdict.LIMITED_QUIET
+        clock.now += 2
+        assert await gate.admit(sender(user="8")) is Verdict.ANSWER
+        assert await gate.admit(sender(user="8")) is Verdict.LIMITED  # a new streak: told again
+        clock.now += 3600
+        assert [await gate.admit(sender(user="8")) for _ in range(4)] == [Verdict.ANSWER] * 3 + [
+            Verdict.LIMITED]  # full again, but never more than the burst
+
+    make_gate.run(scenario)
+
+
+def test_owner_forget_and_zero_are_never_limited(make_gate):
+    async def scenario():
+        gate = make_gate(Rules(owner=frozenset({"telegram:1"}), messages_per_minute=1))
+        assert {await gate.admit(sender(user="1")) for _ in range(5)} == {Verdict.ANSWER}
+        assert await gate.admit(sender(user="2")) is Verdict.ANSWER
+        assert await gate.admit(sender(user="2")) is Verdict.LIMITED
+        assert await gate.admit(sender(user="2"), rate_limited=False) is Verdict.ANSWER
+        blocked = make_gate(Rules(block_users=frozenset({"telegram:3"})))
+        assert await blocked.admit(sender(user="3")) is Verdict.IGNORE
+        assert await blocked.admit(sender(user="3"), check_access=False) is Verdict.ANSWER
+        unlimited = make_gate(Rules(messages_per_minute=0))
+        assert {await unlimited.admit(sender(user="4")) for _ in range(50)} == {Verdict.ANSWER}
+
+    make_gate.run(scenario)
+
+
+def test_two_processes_answer_a_message_once_and_share_the_limit():
+    """Two gates on one Redis, as two processes overlap during a deploy: each message is taken by
+    exactly one of them, even when both ask at the same moment."""
+    persona = f"gate-test-{uuid.uuid4().hex}"
+
+    async def scenario():
+        old = Gate(Rules(messages_per_minute=0), persona, RedisState(REDIS_URL))
+        new = Gate(Rules(messages_per_minute=0), persona, RedisState(REDIS_URL))
+        try:
+            messages = [sender(chat=str(c), message=str(m)) for c in range(5) for m in range(40)]
+            both = await asyncio.gather(*(gate.admit(s) for s in messages for gate in (old, new)))
+            pairs = list(zip(both[::2], both[1::2], strict=True))
+            assert all(sorted(p, key=str) == [Verdict.ANSWER, Verdict.DUPLICATE] for p in pairs)
+            limited = [Gate(Rules(messages_per_minute=2), persona, g.state) for g in (old, new)]
+            verdicts = [await limited[i % 2].admit(sender(user="u")) for i in range(3)]
+            assert verdicts == [Verdict.ANSWER, Verdict.ANSWER, Verdict.LIMITED]
+        finally:
+            await old.close()
+            await new.close()
+            client = redis.Redis.from_url(REDIS_URL)
+            keys = list(client.scan_iter(f"clone:{persona}:*"))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+    asyncio.run(scenario())
+
+
+def test_without_redis_the_gate_lets_messages_through(caplog):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario():
+        gate = Gate(Rules(messages_per_minute=1), "p", RedisState(f"redis://127.0.0.1:{port}/0"))
+        try:
+            same = sender(message="1")
+            return [await gate.admit(same) for _ in range(3)]
+        finally:
+            await gate.close()
+
+    assert asyncio.run(scenario()) == [Verdict.ANSWER] * 3
+    assert sum("Redis unreachable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_local_claims_stay_bounded():
+    async def scenario():
+        state = LocalState(max_seen=100)
+        for i in range(1000):
+            assert await state.claim(f"k{i}")
+        assert len(state._seen) <= 100
+        assert not await state.claim("k999")
+
+    asyncio.run(scenario())
