@@ -47,18 +47,20 @@ HELP = (
 
 
 def build_application(
-    token: str, engine: Engine, base_url: str | None = None, gate: Gate | None = None
+    token: str, engine: Engine, base_url: str | None = None, gate: Gate | None = None,
+    concurrent_updates: bool | int = True,
 ) -> Application:
     """A ready Application: run it with `run_polling()` or initialize/start/updater yourself.
 
     `gate` decides who is answered (access lists, rate limit, once per message); without one,
     everyone is, at the default rate limit, with this process as the only one serving.
+    `concurrent_updates`: PTB's own default (False) would let one slow reply hold up every chat.
     """
     # httpx logs every request URL at INFO, and the URL carries the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # PTB's own DEBUG logs print the token and whole updates (message text included).
     logging.getLogger("telegram").setLevel(logging.INFO)
-    builder = ApplicationBuilder().token(token).concurrent_updates(True)
+    builder = ApplicationBuilder().token(token).concurrent_updates(concurrent_updates)
     if base_url:
         builder = builder.base_url(base_url)  # PTB appends the token and the method name
     app = builder.build()
