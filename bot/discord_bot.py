@@ -130,8 +130,11 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
 
 
 def _sender(message: discord.Message) -> Sender:
+    # A server missing from discord.py's cache still names itself on the channel: the block list
+    # must not fail open for it.
+    guild_id = message.guild.id if message.guild else getattr(message.channel, "guild_id", None)
     return Sender(PLATFORM, str(message.author.id), str(message.channel.id), str(message.id),
-                  str(message.guild.id) if message.guild else None)
+                  str(guild_id) if guild_id else None)
 
 
 def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:

@@ -39,9 +39,10 @@ class FakeDiscord:
     port: int = 0
     forbid_typing: bool = False
     forbid_next_sends: int = 0  # answer this many coming message POSTs with a 403
+    me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what /users/@me answers
     _seq: int = 0
     _next_id: int = 1_000_000_000_000_000_000
-    _ws: web.WebSocketResponse | None = None
+    _sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -62,9 +63,15 @@ class FakeDiscord:
         monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
                             yarl.URL(f"ws://127.0.0.1:{self.port}/gateway"))
 
+    @property
+    def connected(self) -> int:
+        """How many clients hold an open gateway connection (each gets every event)."""
+        return sum(not ws.closed for ws in self._sockets)
+
     async def stop(self) -> None:
-        if self._ws is not None and not self._ws.closed:
-            await self._ws.close()
+        for ws in self._sockets:
+            if not ws.closed:
+                await ws.close()
         if self._runner:
             await self._runner.cleanup()
 
@@ -109,17 +116,20 @@ class FakeDiscord:
     async def push(self, message: dict) -> None:
         await self._dispatch("MESSAGE_CREATE", message)
 
-    async def _dispatch(self, event: str, data: dict) -> None:
-        assert self._ws is not None, "no client connected"
+    async def _dispatch(self, event: str, data: dict, ws: web.WebSocketResponse | None = None) -> None:
+        """Send an event to `ws`, or to every connected client (as Discord does to every session)."""
+        targets = [ws] if ws is not None else [w for w in self._sockets if not w.closed]
+        assert targets, "no client connected"
         self._seq += 1
-        await self._ws.send_json({"op": 0, "t": event, "s": self._seq, "d": data})
+        for target in targets:
+            await target.send_json({"op": 0, "t": event, "s": self._seq, "d": data})
 
     # -- the server ----------------------------------------------------------------------------
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        self._ws = ws
+        self._sockets.append(ws)
         await ws.send_json({"op": 10, "d": {"heartbeat_interval": 41250}})  # HELLO
         async for frame in ws:
             if frame.type != WSMsgType.TEXT:
@@ -127,10 +137,10 @@ class FakeDiscord:
             payload = frame.json()
             if payload["op"] == 2:  # IDENTIFY
                 await self._dispatch("READY", {
-                    "v": 10, "user": BOT, "guilds": [], "session_id": "s1",
+                    "v": 10, "user": self.me, "guilds": [], "session_id": "s1",
                     "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
                     "application": {"id": APPLICATION["id"], "flags": 0},
-                })
+                }, ws)
                 self.identified.set()
             elif payload["op"] == 1:  # heartbeat
                 await ws.send_json({"op": 11})
@@ -141,7 +151,7 @@ class FakeDiscord:
         body = await request.json() if request.can_read_body else None
         self.calls.append(Call(request.method, path, body))
         if request.method == "GET" and path == "/users/@me":
-            return _json(BOT)
+            return _json(self.me)
         if request.method == "GET" and path == "/oauth2/applications/@me":
             return _json(APPLICATION)
         if request.method == "POST" and path.endswith("/typing"):

@@ -31,6 +31,7 @@ class FakeTelegram:
     token: str = "123:TEST"
     calls: list[Call] = field(default_factory=list)
     rate_limit_next: int = 0  # answer this many coming sendMessage calls with a 429
+    me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what getMe answers
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _next_update_id: int = 1
     _next_message_id: int = 1000
@@ -88,7 +89,7 @@ class FakeTelegram:
                      "parameters": {"retry_after": 1}}, status=429)
             return _ok(self._message(params))
         if method == "getMe":
-            return _ok(BOT)
+            return _ok(self.me)
         if method == "getMyCommands":
             return _ok([])
         return _ok(True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
-from bot.discord_bot import build_client
+import pytest
+
+from bot.discord_bot import SelfBotRefused, build_client
 from bot.engine import Engine
+from bot.gate import RATE_LIMIT_REPLY, Gate, RedisState, Rules
 from bot.memory import EmbeddedMemory
 from tests.fake_discord import BOT, FakeDiscord
-from tests.platform_helpers import FixedBackend, until
+from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, until
 from training.persona import Persona
 
 PERSONA = Persona(name="Sam", description="Texts in short bursts.")
@@ -23,14 +27,14 @@ GUILD_CHANNEL = "400000000000000002"
 ME = f"<@{BOT['id']}>"
 
 
-def run(engine: Engine, monkeypatch, scenario) -> FakeDiscord:
+def run(engine: Engine, monkeypatch, scenario, gate: Gate | None = None) -> FakeDiscord:
     """Start the fake and the real Client, run `scenario(fake)`, close both cleanly."""
     fake = FakeDiscord()
 
     async def main():
         await fake.start()
         fake.patch(monkeypatch)
-        client = build_client(engine, guild_ready_timeout=0.05)
+        client = build_client(engine, gate, guild_ready_timeout=0.05)
         task = asyncio.create_task(client.start(TOKEN))
         try:
             await until(client.is_ready)  # READY seen, on_ready dispatched
@@ -186,3 +190,109 @@ def test_forbidden_sends_and_engine_errors_are_logged_not_fatal(tmp_path, count_
     assert f"forbidden channel={DM_CHANNEL}" in caplog.text
     assert "discord error event=on_message error=RuntimeError" in caplog.text
     assert "secret detail" not in caplog.text and "still there?" not in caplog.text
+
+
+BEA = {**ANA, "id": "333333333333333333", "username": "bea", "global_name": "Bea"}
+
+
+def test_servers_channels_users_the_owner_and_the_rate_limit(tmp_path, count_tokens, monkeypatch):
+    other_guild, other_channel = "500000000000000001", "500000000000000002"
+    open_channel = "400000000000000009"
+    rules = Rules(owner=frozenset({f"discord:{BEA['id']}"}),
+                  block_servers=frozenset({f"discord:{other_guild}"}),
+                  reply_in=frozenset({f"discord:{open_channel}"}), messages_per_minute=1)
+    backend = FixedBackend("hi")
+
+    async def scenario(fake):
+        await fake.push(fake.message(f"{ME} hello", ANA, other_channel, other_guild, mentions=[BOT]))
+        await fake.push(fake.message("no mention needed here", ANA, open_channel, GUILD))
+        await until(lambda: len(fake.sent(open_channel)) == 1)
+        await fake.push(fake.message("and again", ANA, open_channel, GUILD))
+        await fake.push(fake.message("and again!", ANA, open_channel, GUILD))
+        await until(lambda: len(fake.sent(open_channel)) == 2)
+        for i in range(3):
+            await fake.push(fake.message(f"owner {i}", BEA, open_channel, GUILD))
+        await until(lambda: len(fake.sent(open_channel)) == 5)
+        await asyncio.sleep(0.3)
+
+    fake = run(fixed_engine(tmp_path, count_tokens, backend), monkeypatch, scenario, Gate(rules, "Sam"))
+    assert fake.sent(other_channel) == []  # a blocked server
+    assert replies(fake, open_channel) == ["hi", RATE_LIMIT_REPLY, "hi", "hi", "hi"]
+    first = fake.sent(open_channel)[0]
+    assert first["message_reference"]["fail_if_not_exists"] is False  # quotes what it answers
+    assert "message_reference" in fake.sent(open_channel)[2]
+    assert len(backend.prompts) == 4
+
+
+def test_one_channel_keeps_its_order_and_never_holds_up_another(tmp_path, count_tokens, monkeypatch):
+    backend = SlowFirstBackend(delays=[1.0, 0.4, 0.0, 0.0])
+    other_dm = "300000000000000002"
+
+    async def scenario(fake):
+        for text in ("one", "two", "three"):
+            await fake.push(fake.message(text, ANA, DM_CHANNEL))
+        await fake.push(fake.message("other channel", BEA, other_dm))
+        await until(lambda: len(fake.sent(DM_CHANNEL)) == 3)
+        await asyncio.sleep(0.2)
+
+    fake = run(fixed_engine(tmp_path, count_tokens, backend), monkeypatch, scenario,
+               Gate(Rules(messages_per_minute=0), "Sam"))
+    assert replies(fake, DM_CHANNEL) == ["re: one", "re: two", "re: three"]
+    order = [c.path for c in fake.calls if c.method == "POST" and c.path.endswith("/messages")]
+    assert order.index(f"/channels/{other_dm}/messages") < order.index(f"/channels/{DM_CHANNEL}/messages")
+
+
+def test_two_connected_processes_answer_each_message_once(tmp_path, count_tokens, monkeypatch):
+    """Discord sends every event to every gateway session: during a deploy the old and the new
+    process both see each message, and the gate's Redis claim lets one of them answer it."""
+    persona = f"dc-test-{uuid.uuid4().hex}"
+    backends = [FixedBackend("from one"), FixedBackend("from the other")]
+    fake = FakeDiscord()
+
+    async def main():
+        await fake.start()
+        fake.patch(monkeypatch)
+        clients, tasks, gates = [], [], []
+        for i, backend in enumerate(backends):
+            gate = Gate(Rules(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
+            engine = Engine(PERSONA, backend, EmbeddedMemory(tmp_path / f"m{i}.json"), count_tokens)
+            client = build_client(engine, gate, guild_ready_timeout=0.05)
+            tasks.append(asyncio.create_task(client.start(TOKEN)))
+            clients.append(client)
+            gates.append(gate)
+        try:
+            await until(lambda: all(c.is_ready() for c in clients) and fake.connected == 2)
+            for n in range(10):
+                await fake.push(fake.message(f"message {n}", ANA, DM_CHANNEL))
+            await until(lambda: len(fake.sent()) == 10)
+            await asyncio.sleep(0.5)  # and nothing more follows
+        finally:
+            for client, task, gate in zip(clients, tasks, gates, strict=True):
+                await client.close()
+                await asyncio.wait_for(task, 10)
+                await gate.close()
+            await fake.stop()
+            drop_redis_keys(persona)
+
+    asyncio.run(main())
+    assert len(fake.sent()) == 10
+    assert sum(len(b.prompts) for b in backends) == 10
+
+
+def test_a_user_account_token_is_refused(tmp_path, count_tokens, monkeypatch):
+    fake = FakeDiscord(me={**ANA, "bot": False})
+
+    async def main():
+        await fake.start()
+        fake.patch(monkeypatch)
+        client = build_client(fixed_engine(tmp_path, count_tokens), guild_ready_timeout=0.05)
+        try:
+            with pytest.raises(SelfBotRefused, match="user account"):
+                await asyncio.wait_for(client.start(TOKEN), 10)
+        finally:
+            await client.close()
+            await fake.stop()
+
+    asyncio.run(main())
+    assert fake.connected == 0  # refused before the gateway: it never came online as the user
+    assert fake.sent() == []

@@ -8,7 +8,6 @@ import socket
 import uuid
 
 import pytest
-import redis
 
 from bot.gate import (
     Gate,
@@ -20,6 +19,7 @@ from bot.gate import (
     Verdict,
     gate_from_env,
 )
+from tests.platform_helpers import drop_redis_keys
 from training.persona import Persona, PersonaError
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -66,13 +66,8 @@ class Gates:
 def make_gate(request):
     gates = Gates(request.param)
     yield gates
-    persona = gates.persona
     if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"clone:{persona}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_keys(gates.persona)
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -224,11 +219,7 @@ def test_two_processes_answer_a_message_once_and_share_the_limit():
         finally:
             await old.close()
             await new.close()
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(f"clone:{persona}:*"))
-            if keys:
-                client.delete(*keys)
-            client.close()
+            drop_redis_keys(persona)
 
     asyncio.run(scenario())
 

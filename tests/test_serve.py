@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from bot.cli import main
+from bot.serve import Settings, SettingsError, serve
 
 from .fake_telegram import FakeTelegram
 from .platform_helpers import until
-from .test_telegram import dm
+from .test_telegram import dm, fixed_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +100,7 @@ def test_serve_answers_on_discord_through_the_configured_addresses(tiny_base, tm
                 {"DISCORD_TOKEN": "FAKE.TOKEN.secret",
                  "DISCORD_API_BASE": f"http://127.0.0.1:{fake.port}/api/v10",
                  "DISCORD_GATEWAY_URL": f"ws://127.0.0.1:{fake.port}/gateway"},
-                lambda: fake._ws is not None and not fake._ws.closed, send, "hello from discord",
+                lambda: fake.connected > 0, send, "hello from discord",
             )
         finally:
             await fake.stop()
@@ -104,3 +108,145 @@ def test_serve_answers_on_discord_through_the_configured_addresses(tiny_base, tm
     code, _, err = asyncio.run(scenario())
     assert code == 0, err
     assert "hello from discord" not in err and "FAKE.TOKEN.secret" not in err
+
+
+# -- settings, refusals and the Telegram webhook, in this process -------------------------------
+
+
+def settings_env(monkeypatch, **values: str) -> None:
+    for name in ("TELEGRAM_TOKEN", "TELEGRAM_BASE_URL", "DISCORD_TOKEN", "TELEGRAM_WEBHOOK_URL",
+                 "TELEGRAM_WEBHOOK_SECRET", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"PORT": "eighty"}, "PORT must be a port number"),
+    ({"PORT": "70000"}, "PORT must be a port number"),
+    ({"TELEGRAM_WEBHOOK_URL": "http://clone.example.com/hook"}, "must be a public https URL"),
+    ({"TELEGRAM_WEBHOOK_URL": "clone.example.com/hook"}, "must be a public https URL"),
+    ({"TELEGRAM_WEBHOOK_URL": "https://x.example/h", "TELEGRAM_WEBHOOK_SECRET": "no spaces"},
+     "TELEGRAM_WEBHOOK_SECRET may hold only"),
+])
+def test_bad_serving_settings_are_named(monkeypatch, values, error):
+    settings_env(monkeypatch, TELEGRAM_TOKEN="1:x", **values)
+    with pytest.raises(SettingsError, match=error):
+        Settings.from_env()
+
+
+def test_webhook_settings_and_the_derived_secret(monkeypatch):
+    settings_env(monkeypatch, TELEGRAM_TOKEN="1:secret-token", PORT="9000",
+                 TELEGRAM_WEBHOOK_URL="https://clone.example.com/telegram")
+    settings = Settings.from_env()
+    assert settings.port == 9000 and settings.telegram_webhook_url.endswith("/telegram")
+    secret = settings.webhook_secret()
+    assert secret == Settings.from_env().webhook_secret()  # the same in every process
+    assert "secret-token" not in secret and len(secret) >= 32
+    settings_env(monkeypatch, TELEGRAM_TOKEN="1:x", TELEGRAM_BASE_URL="http://127.0.0.1:1/bot",
+                 TELEGRAM_WEBHOOK_URL="http://127.0.0.1:2/hook", TELEGRAM_WEBHOOK_SECRET="mine_1")
+    assert Settings.from_env().webhook_secret() == "mine_1"  # http: for a self-hosted Bot API
+
+
+def test_a_bad_serve_table_fails_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    settings_env(monkeypatch, TELEGRAM_TOKEN="1:x")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "persona.toml").write_text('name = "Sam"\n[serve]\nowner = [12345]\n')
+    assert main(["serve", "--persona", str(tmp_path), "--base", str(tmp_path / "no-model")]) == 2
+    assert "persona.toml [serve]: `owner[0]` is 12345" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
+    """Webhook mode: the bot registers its URL and secret with the Bot API, then answers the
+    updates POSTed to it, and refuses a POST without the secret."""
+    import aiohttp
+
+    engine = fixed_engine(tmp_path, count_tokens)
+    port = free_port()
+
+    async def scenario():
+        fake = FakeTelegram()
+        await fake.start()
+        settings = Settings(fake.token, fake.base_url, None,
+                            telegram_webhook_url=f"http://127.0.0.1:{port}/tg-hook", port=port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(engine, settings, stop=stop))
+        try:
+            await until(lambda: bool(fake.sent("setWebhook")), timeout=20)
+            hook = fake.sent("setWebhook")[0]
+            update = {"update_id": 1, "message": dm("hello over the webhook")}
+            url = f"http://127.0.0.1:{port}/tg-hook"
+            async with aiohttp.ClientSession() as http:
+                await until_listening(http, url)
+                forged = await http.post(url, json={**update, "update_id": 2},
+                                         headers={"X-Telegram-Bot-Api-Secret-Token": "guess"})
+                real = await http.post(url, json=update,
+                                       headers={"X-Telegram-Bot-Api-Secret-Token": hook["secret_token"]})
+            await until(lambda: len(fake.sent()) == 2)
+            await asyncio.sleep(0.3)
+            return hook, forged.status, real.status, fake
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            await fake.stop()
+
+    hook, forged, real, fake = asyncio.run(scenario())
+    assert hook["url"] == f"http://127.0.0.1:{port}/tg-hook"
+    assert hook["secret_token"] == Settings(fake.token, None, None).webhook_secret()
+    assert forged == 403 and real == 200
+    assert [m["text"] for m in fake.sent()] == ["hello", "there"]  # the forged update was not answered
+    assert not any(c.method == "getUpdates" for c in fake.calls)
+
+
+async def until_listening(http, url: str) -> None:
+    import aiohttp
+
+    for _ in range(100):
+        try:
+            async with http.get(url) as response:  # the webhook answers GET with 405
+                if response.status:
+                    return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens at {url}")
+
+
+def test_user_account_tokens_are_refused_on_both_platforms(tmp_path, count_tokens, monkeypatch):
+    from .fake_discord import FakeDiscord
+    from .test_discord import ANA
+
+    engine = fixed_engine(tmp_path, count_tokens)
+
+    async def scenario():
+        telegram = FakeTelegram(me={"id": 5, "is_bot": False, "first_name": "A person"})
+        discord_fake = FakeDiscord(me={**ANA, "bot": False})
+        await telegram.start()
+        await discord_fake.start()
+        try:
+            with pytest.raises(SettingsError, match="TELEGRAM_TOKEN belongs to a user account"):
+                await serve(engine, Settings(telegram.token, telegram.base_url, None))
+            discord_settings = Settings(
+                None, None, "FAKE.TOKEN.secret",
+                discord_api_base=f"http://127.0.0.1:{discord_fake.port}/api/v10",
+                discord_gateway_url=f"ws://127.0.0.1:{discord_fake.port}/gateway")
+            with pytest.raises(SettingsError, match="DISCORD_TOKEN belongs to a user account"):
+                await asyncio.wait_for(serve(engine, discord_settings), 20)
+        finally:
+            await telegram.stop()
+            await discord_fake.stop()
+        return telegram, discord_fake
+
+    import discord
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # serve() repoints them
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    telegram, discord_fake = asyncio.run(scenario())
+    assert telegram.sent() == [] and not any(c.method == "getUpdates" for c in telegram.calls)
+    assert discord_fake.connected == 0 and discord_fake.sent() == []

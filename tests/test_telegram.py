@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 import uuid
 
 from bot.chunks import TELEGRAM_LIMIT, split_message
 from bot.engine import Engine
+from bot.gate import RATE_LIMIT_REPLY, Gate, RedisState, Rules
 from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory, RedisMemory
 from bot.telegram import build_application
 from tests.fake_telegram import BOT, FakeTelegram
-from tests.platform_helpers import FixedBackend, until
+from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, until
 from training.base_model import load_model, resolve_base
 from training.persona import Persona
 
@@ -55,13 +57,13 @@ def group(text: str, user=ANA, mention: bool = False, reply_to: dict | None = No
     return msg
 
 
-def run(engine: Engine, scenario) -> FakeTelegram:
+def run(engine: Engine, scenario, gate: Gate | None = None) -> FakeTelegram:
     """Start the fake and the real Application, run `scenario(fake)`, shut both down cleanly."""
     fake = FakeTelegram()
 
     async def main():
         await fake.start()
-        app = build_application(fake.token, engine, base_url=fake.base_url)
+        app = build_application(fake.token, engine, base_url=fake.base_url, gate=gate)
         await app.initialize()
         await app.start()
         await app.updater.start_polling(poll_interval=0, timeout=1)
@@ -221,3 +223,102 @@ def test_with_redis_memory_the_chat_continues_and_forget_counts(tmp_path, count_
     second_prompt = "\n".join(m["content"] for m in backend.prompts[1])
     assert "first question" in second_prompt and "hello\nthere" in second_prompt
     assert fake.sent()[4]["text"] == "Done: removed 2 of your messages from my memory."
+
+
+def test_access_lists_the_owner_and_the_rate_limit(tmp_path, count_tokens):
+    owner = {"id": 12, "is_bot": False, "first_name": "Sam"}
+    blocked = {"id": 13, "is_bot": False, "first_name": "Troll"}
+    rules = Rules(owner=frozenset({"telegram:12"}), block_users=frozenset({"telegram:13"}),
+                  messages_per_minute=2)
+    backend = FixedBackend("hi")
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+
+    async def scenario(fake):
+        for i in range(4):
+            fake.queue(dm(f"ana {i}"))
+            fake.queue(dm(f"owner {i}", user=owner))
+            fake.queue(dm(f"troll {i}", user=blocked))
+        await until(lambda: len(fake.sent(chat_id=11)) == 3 and len(fake.sent(chat_id=12)) == 4)
+        fake.queue(command("/forget", user=blocked))  # a deletion request is never refused
+        await until(lambda: len(fake.sent(chat_id=13)) == 1)
+        await asyncio.sleep(0.3)
+
+    fake = run(engine, scenario, Gate(rules, "Sam"))
+    assert [m["text"] for m in fake.sent(chat_id=11)] == ["hi", "hi", RATE_LIMIT_REPLY]  # told once
+    assert [m["text"] for m in fake.sent(chat_id=12)] == ["hi"] * 4  # the owner is never limited
+    assert fake.sent(chat_id=13)[0]["text"].startswith("Done: removed 0")
+    assert not any("troll" in m[-1]["content"] for m in backend.prompts)
+    assert fake.sent("sendChatAction", chat_id=13) == []
+
+
+def test_a_configured_group_is_answered_without_a_mention_and_replies_quote(tmp_path, count_tokens):
+    engine = fixed_engine(tmp_path, count_tokens)
+
+    async def scenario(fake):
+        fake.queue(group("anyone up?"))
+        await until(lambda: len(fake.sent(chat_id=-500)) == 2)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario, Gate(Rules(reply_in=frozenset({"telegram:-500"})), "Sam"))
+    first, second = fake.sent(chat_id=-500)
+    assert json.loads(first["reply_parameters"])["message_id"] > 0  # quotes the message it answers
+    assert json.loads(first["reply_parameters"])["allow_sending_without_reply"] is True
+    assert "reply_parameters" not in second
+
+
+def test_one_chat_keeps_its_order_and_never_holds_up_another(tmp_path, count_tokens):
+    backend = SlowFirstBackend(delays=[1.0, 0.4, 0.0, 0.0])
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+    bea = {"id": 14, "is_bot": False, "first_name": "Bea"}
+
+    async def scenario(fake):
+        for text in ("one", "two", "three"):
+            fake.queue(dm(text))
+        fake.queue(dm("other chat", user=bea))
+        await until(lambda: len(fake.sent(chat_id=11)) == 3)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario, Gate(Rules(messages_per_minute=0), "Sam"))
+    assert [m["text"] for m in fake.sent(chat_id=11)] == ["re: one", "re: two", "re: three"]
+    order = [str(c.params.get("chat_id")) for c in fake.calls if c.method == "sendMessage"]
+    assert order.index("14") < order.index("11")  # Bea's quick answer did not wait for Ana's chat
+
+
+def test_two_processes_answer_a_message_once(tmp_path, count_tokens):
+    """During a deploy the old and the new process can both receive an update: with the gate's
+    state in Redis, exactly one of them answers it."""
+    persona = f"tg-test-{uuid.uuid4().hex}"
+    backends = [FixedBackend("from one"), FixedBackend("from the other")]
+    fakes = [FakeTelegram(), FakeTelegram()]
+
+    async def main():
+        apps, gates = [], []
+        for i, fake in enumerate(fakes):
+            await fake.start()
+            gate = Gate(Rules(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
+            engine = Engine(PERSONA, backends[i], EmbeddedMemory(tmp_path / f"m{i}.json"), count_tokens)
+            app = build_application(fake.token, engine, base_url=fake.base_url, gate=gate)
+            await app.initialize()
+            await app.start()
+            await app.updater.start_polling(poll_interval=0, timeout=1)
+            apps.append(app)
+            gates.append(gate)
+        try:
+            for n in range(10):
+                message = dm(f"message {n}")
+                for fake in fakes:
+                    fake.queue(message)  # the same message (chat, id) reaches both
+            await until(lambda: sum(len(f.sent()) for f in fakes) == 10)
+            await asyncio.sleep(0.5)  # and nothing more follows
+        finally:
+            for app, gate, fake in zip(apps, gates, fakes, strict=True):
+                await app.updater.stop()
+                await app.stop()
+                await app.shutdown()
+                await gate.close()
+                await fake.stop()
+            drop_redis_keys(persona)
+
+    asyncio.run(main())
+    assert sum(len(f.sent()) for f in fakes) == 10
+    assert sum(len(b.prompts) for b in backends) == 10
