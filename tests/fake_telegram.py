@@ -1,7 +1,8 @@
 """A local fake of the Telegram Bot API, enough to drive python-telegram-bot's real client.
 
 Requests arrive at /bot<TOKEN>/<method> (PTB's base_url + token), form-encoded or JSON. Every call
-is recorded; updates can be queued; the next N sendMessage calls can be answered with HTTP 429.
+is recorded; updates can be queued; the next N sendMessage calls can be answered with HTTP 429,
+and the next N calls of a method can have their connection dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FakeTelegram:
     calls: list[Call] = field(default_factory=list)
     rate_limit_next: int = 0  # answer this many coming sendMessage calls with a 429
     me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what getMe answers
+    drop_next: dict[str, int] = field(default_factory=dict)  # method -> calls to hang up on
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _next_update_id: int = 1
     _next_message_id: int = 1000
@@ -79,6 +81,11 @@ class FakeTelegram:
         else:
             params = dict(await request.post())
         self.calls.append(Call(method, params))
+        if self.drop_next.get(method, 0) > 0:  # a dropped connection: no answer at all
+            self.drop_next[method] -= 1
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)  # never reaches the client
         if method == "getUpdates":
             return await self._get_updates(params)
         if method == "sendMessage":

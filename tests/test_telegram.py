@@ -203,6 +203,34 @@ def test_a_rate_limit_on_send_is_survived(tmp_path, count_tokens):
     assert sends == ["hello", "hello", "hello", "there"]  # gave up the first reply, then answered
 
 
+def test_model_output_mentions_no_one(tmp_path, count_tokens):
+    engine = fixed_engine(tmp_path, count_tokens, FixedBackend("ask @ana_smith or email me@x.org"))
+
+    async def scenario(fake):
+        fake.queue(dm("who knows?"))
+        await until(lambda: len(fake.sent()) == 1)
+
+    fake = run(engine, scenario)
+    text = fake.sent()[0]["text"]
+    assert "@ana_smith" not in text and text.replace("\u2060", "") == "ask @ana_smith or email me@x.org"
+
+
+def test_dropped_connections_are_retried(tmp_path, count_tokens, caplog):
+    caplog.set_level(logging.INFO)
+    engine = fixed_engine(tmp_path, count_tokens)
+
+    async def scenario(fake):
+        fake.drop_next = {"getUpdates": 1, "sendMessage": 1}
+        fake.queue(dm("are you there?"))
+        await until(lambda: len(fake.sent()) == 3, timeout=20)
+        await asyncio.sleep(0.3)
+
+    fake = run(engine, scenario)
+    assert [m["text"] for m in fake.sent()] == ["hello", "hello", "there"]  # the dropped one again
+    assert fake.drop_next == {"getUpdates": 0, "sendMessage": 0}
+    assert "send retried chat=11 error=NetworkError" in caplog.text
+
+
 def test_with_redis_memory_the_chat_continues_and_forget_counts(tmp_path, count_tokens):
     persona = Persona(name=f"tg-test-{uuid.uuid4().hex}", description="Texts in short bursts.")
     backend = FixedBackend()
