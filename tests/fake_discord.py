@@ -40,6 +40,7 @@ class FakeDiscord:
     forbid_typing: bool = False
     forbid_next_sends: int = 0  # answer this many coming message POSTs with a 403
     me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what /users/@me answers
+    resumed: int = 0  # RESUMEs seen: a client coming back after a dropped connection
     _seq: int = 0
     _next_id: int = 1_000_000_000_000_000_000
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -67,6 +68,12 @@ class FakeDiscord:
     def connected(self) -> int:
         """How many clients hold an open gateway connection (each gets every event)."""
         return sum(not ws.closed for ws in self._sockets)
+
+    async def drop_connections(self) -> None:
+        """Hang up on every client, as a network blip or a Discord restart does."""
+        for ws in self._sockets:
+            if not ws.closed:
+                await ws.close(code=4000)  # "unknown error": the client reconnects and resumes
 
     async def stop(self) -> None:
         for ws in self._sockets:
@@ -142,6 +149,9 @@ class FakeDiscord:
                     "application": {"id": APPLICATION["id"], "flags": 0},
                 }, ws)
                 self.identified.set()
+            elif payload["op"] == 6:  # RESUME after a dropped connection
+                self.resumed += 1
+                await self._dispatch("RESUMED", {}, ws)
             elif payload["op"] == 1:  # heartbeat
                 await ws.send_json({"op": 11})
         return ws

@@ -296,3 +296,16 @@ def test_a_user_account_token_is_refused(tmp_path, count_tokens, monkeypatch):
     asyncio.run(main())
     assert fake.connected == 0  # refused before the gateway: it never came online as the user
     assert fake.sent() == []
+
+
+def test_a_dropped_gateway_connection_is_resumed(tmp_path, count_tokens, monkeypatch):
+    async def scenario(fake):
+        await fake.push(fake.message("before", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent()) == 2)
+        await fake.drop_connections()
+        await until(lambda: fake.resumed == 1 and fake.connected == 1, timeout=20)
+        await fake.push(fake.message("after", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent()) == 4)
+
+    fake = run(fixed_engine(tmp_path, count_tokens), monkeypatch, scenario)
+    assert replies(fake, DM_CHANNEL) == ["hello", "there"] * 2
