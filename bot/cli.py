@@ -384,14 +384,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(e)) from None
 
     async def run() -> None:
+        from bot.generation import AdapterWatcher, LocalBackend
+
         engine, backend, memory, what = build_engine(args, persona)
         gate = gate_from_env(persona, rules)
+        watcher = None
+        if isinstance(backend, LocalBackend) and not args.version:  # follow `clone retrain`
+            interval = float(os.environ.get("CLONE_ADAPTER_CHECK_S", "10"))
+            watcher = asyncio.create_task(
+                AdapterWatcher(backend, args.adapters, args.base, interval).run())
         print(f"Serving {persona.name} ({what})", flush=True)
         try:
             await serve(engine, settings, args.platform, gate)
         except SettingsError as e:
             raise CliError(str(e)) from None
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await gate.close()
             await backend.close()
             await memory.close()

@@ -91,17 +91,22 @@ class LocalBackend:
                 if not r.future.done():
                     r.future.set_result(text)
 
+    def swap(self, model, tokenizer) -> None:
+        """Serve another model from the next batch on; the batch in flight finishes on the old one."""
+        self.model, self.tokenizer = model.eval(), tokenizer
+
     @torch.no_grad()
     def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         """Left-padded batch generation; message text can never become a template token."""
         s = self.settings
-        prompts = [encode(c, self.tokenizer, add_generation_prompt=True).input_ids for c in conversations]
+        model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
+        prompts = [encode(c, tokenizer, add_generation_prompt=True).input_ids for c in conversations]
         width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
+        pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        device = next(self.model.parameters()).device
-        out = self.model.generate(
+        device = next(model.parameters()).device
+        out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=s.max_new_tokens,
@@ -111,8 +116,47 @@ class LocalBackend:
             repetition_penalty=s.repetition_penalty,
             pad_token_id=pad,
         )
-        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=False)
+        return tokenizer.batch_decode(out[:, width:], skip_special_tokens=False)
 
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
+
+
+class AdapterWatcher:
+    """Keeps a serving LocalBackend on the active adapter: when `clone retrain` or `clone adapters
+    use` moves `adapters/active`, the new adapter is loaded beside the old one (off the event
+    loop) and swapped in between batches, so the bot follows without a restart or a lost message.
+    An adapter that fails to load is logged once and the current one keeps serving."""
+
+    def __init__(self, backend: LocalBackend, adapters_root: Path, base: str | None = None,
+                 interval_s: float = 10.0) -> None:
+        from training import adapters
+
+        self.backend, self.root, self.base, self.interval_s = backend, adapters_root, base, interval_s
+        self.version = adapters.active_version(adapters_root)  # what the backend was loaded with
+        self._refused: str | None = None
+
+    async def check(self) -> bool:
+        """Swap if the active adapter changed; whether it did."""
+        from training import adapters
+
+        active = adapters.active_version(self.root)
+        if active is None or active in (self.version, self._refused):
+            return False
+        try:
+            model, tokenizer, _ = await asyncio.to_thread(load_clone, self.root, active, self.base)
+        except Exception as e:  # a broken or foreign adapter must not take the bot down
+            self._refused = active
+            log.warning("adapter %s could not be loaded (%s: %s); still serving %s",
+                        active, type(e).__name__, e, self.version or "the base model")
+            return False
+        self.backend.swap(model, tokenizer)
+        log.info("now serving adapter %s (was %s)", active, self.version or "the base model")
+        self.version, self._refused = active, None
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.check()

@@ -259,3 +259,52 @@ def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, 
         assert "Kept" in out
     else:
         assert f"Active adapter: {active}" in out
+
+
+def test_a_serving_backend_follows_the_active_adapter(tiny_base, tiny_dataset, tmp_path, caplog):
+    """`clone serve` keeps serving while `clone retrain` / `clone adapters use` move `active`:
+    the watcher swaps the new adapter in, refuses a broken one once, and follows a rollback."""
+    import asyncio
+    import logging
+
+    from bot.generation import AdapterWatcher, GenerationSettings, LocalBackend, load_clone
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "adapters"
+    first = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    model, tokenizer, _ = load_clone(out)
+    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=4))
+    watcher = AdapterWatcher(backend, out, interval_s=0.05)
+    hello = [{"role": "user", "content": "hello"}]
+
+    async def scenario():
+        try:
+            assert watcher.version == first.version and not await watcher.check()
+            second = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+            assert await watcher.check() and watcher.version == second.version
+            assert backend.model is not model
+            assert isinstance(await backend.generate(hello), str)  # answers on the new one
+
+            broken = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+            manifest = json.loads((broken.path / "manifest.json").read_text())
+            manifest["prompt_contract"] = CONTRACT_VERSION + 1
+            (broken.path / "manifest.json").write_text(json.dumps(manifest))
+            serving = backend.model
+            assert not await watcher.check() and not await watcher.check()
+            assert backend.model is serving and watcher.version == second.version
+
+            adapters.activate(out, first.version)  # a rollback: `clone adapters use`
+            task = asyncio.create_task(watcher.run())
+            await asyncio.sleep(0.1)
+            for _ in range(200):
+                if watcher.version == first.version:
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            assert watcher.version == first.version
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+    refused = [r for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert len(refused) == 1 and "still serving" in refused[0].getMessage()
