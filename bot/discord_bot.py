@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import discord
+from discord import app_commands
 
 from bot.chunks import DISCORD_LIMIT, split_message
 from bot.engine import Engine, Incoming
@@ -34,6 +35,13 @@ HELP = (
 )
 NO_PINGS = discord.AllowedMentions.none()
 COMMANDS = ("/reset", "/forget", "/help", "/start", "/about")
+SLASH_COMMANDS = {
+    "reset": "Forget this channel's conversation",
+    "forget": "Delete everything you said to me, in every channel",
+    "help": "How to talk to me",
+    "about": "What this bot is",
+}
+NOT_HERE = "Sorry, I can't talk here."
 
 
 class SelfBotRefused(RuntimeError):
@@ -61,6 +69,10 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
                 "DISCORD_TOKEN belongs to a user account, not a bot; self-bots are not allowed. "
                 "Create a bot in the Discord developer portal and use its token."
             )
+        try:  # register the slash commands; the text forms work without them
+            await tree.sync()
+        except discord.HTTPException as e:  # e.g. invited without the applications.commands scope
+            log.warning("discord: slash commands not registered (status=%s)", e.status)
 
     async def on_ready() -> None:
         log.info("discord ready user_id=%s", client.user.id if client.user else None)
@@ -89,7 +101,8 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
             if verdict is not Verdict.ANSWER:
                 return
             if command in COMMANDS:
-                await _send_all(message.channel, [await command_reply(command, message)])
+                reply = await command_reply(command, channel_id, str(message.author.id))
+                await _send_all(message.channel, [reply])
                 return
             incoming = Incoming(
                 PLATFORM, channel_id, str(message.author.id),
@@ -109,14 +122,44 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
             channel_id, message.id, len(text), len(replies), sent, time.monotonic() - started,
         )
 
-    async def command_reply(command: str, message: discord.Message) -> str:
+    async def command_reply(command: str, channel_id: str, author_id: str) -> str:
         if command == "/reset":
-            await engine.reset(PLATFORM, str(message.channel.id))
+            await engine.reset(PLATFORM, channel_id)
             return "Okay, fresh start: I've forgotten this channel."
         if command == "/forget":
-            removed = await engine.forget(str(message.author.id))
+            removed = await engine.forget(author_id)
             return f"Done: removed {removed} of your messages from my memory."
         return about_text if command == "/about" else HELP
+
+    async def on_slash(interaction: discord.Interaction, command: str) -> None:
+        """A slash command. Discord wants an answer within 3 s, so this does not wait its turn
+        behind a reply being generated in the channel (a reset meanwhile is still honoured: the
+        engine refuses to remember a reply generated across it)."""
+        channel_id = str(interaction.channel_id)
+        checks = {"check_access": False, "rate_limited": False} if command == "/forget" else {}
+        guild_id = str(interaction.guild_id) if interaction.guild_id else None
+        sender = Sender(PLATFORM, str(interaction.user.id), channel_id, str(interaction.id), guild_id)
+        verdict = await gate.admit(sender, **checks)
+        if verdict is Verdict.DUPLICATE:  # another process took it
+            return
+        if verdict is Verdict.ANSWER:
+            reply = await command_reply(command, channel_id, str(interaction.user.id))
+        else:
+            reply = RATE_LIMIT_REPLY if verdict is not Verdict.IGNORE else NOT_HERE
+        # Only the caller sees a refusal or what /forget removed.
+        private = command == "/forget" or verdict is not Verdict.ANSWER
+        await interaction.response.send_message(reply, ephemeral=private, allowed_mentions=NO_PINGS)
+        log.info("discord slash=%s channel=%s verdict=%s", command, channel_id, verdict.value)
+
+    def slash_command(name: str, description: str) -> app_commands.Command:
+        async def callback(interaction: discord.Interaction) -> None:  # no options: the signature is read
+            await on_slash(interaction, f"/{name}")
+
+        return app_commands.Command(name=name, description=description, callback=callback)
+
+    tree = app_commands.CommandTree(client)
+    for name, description in SLASH_COMMANDS.items():
+        tree.add_command(slash_command(name, description))
 
     async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
         # Never fatal; the exception's class only: its text could quote a message.

@@ -41,6 +41,7 @@ class FakeDiscord:
     forbid_next_sends: int = 0  # answer this many coming message POSTs with a 403
     me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what /users/@me answers
     resumed: int = 0  # RESUMEs seen: a client coming back after a dropped connection
+    commands: list[dict[str, Any]] = field(default_factory=list)  # slash commands registered
     _seq: int = 0
     _next_id: int = 1_000_000_000_000_000_000
     _sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -123,6 +124,34 @@ class FakeDiscord:
     async def push(self, message: dict) -> None:
         await self._dispatch("MESSAGE_CREATE", message)
 
+    def interaction(self, name: str, author: dict, channel_id: str, guild_id: str | None = None) -> dict:
+        """An INTERACTION_CREATE payload: someone used the slash command `name`."""
+        registered = {c["name"]: c["id"] for c in self.commands}
+        data: dict[str, Any] = {
+            "id": self.new_id(), "application_id": APPLICATION["id"], "type": 2,
+            "token": f"interaction-token-{self._next_id}", "version": 1,
+            "attachment_size_limit": 8 * 1024 * 1024, "locale": "en-US",
+            "data": {"id": registered.get(name, "0"), "name": name, "type": 1},
+            "channel_id": channel_id,
+        }
+        if guild_id is None:
+            data["user"] = author
+            data["channel"] = {"id": channel_id, "type": 1, "recipients": [author]}
+        else:
+            data["guild_id"] = guild_id
+            data["channel"] = {"id": channel_id, "type": 0, "guild_id": guild_id, "name": "general",
+                               "position": 0, "permission_overwrites": []}
+            data["member"] = {"user": author, "roles": [], "joined_at": dtm.datetime.now(dtm.UTC).isoformat(),
+                              "deaf": False, "mute": False, "flags": 0, "permissions": "0"}
+        return data
+
+    async def push_interaction(self, interaction: dict) -> None:
+        await self._dispatch("INTERACTION_CREATE", interaction)
+
+    def interaction_replies(self) -> list[dict[str, Any]]:
+        """The bodies of interaction responses, in order."""
+        return [c.json for c in self.calls if c.method == "POST" and c.path.startswith("/interactions/")]
+
     async def _dispatch(self, event: str, data: dict, ws: web.WebSocketResponse | None = None) -> None:
         """Send an event to `ws`, or to every connected client (as Discord does to every session)."""
         targets = [ws] if ws is not None else [w for w in self._sockets if not w.closed]
@@ -164,6 +193,12 @@ class FakeDiscord:
             return _json(self.me)
         if request.method == "GET" and path == "/oauth2/applications/@me":
             return _json(APPLICATION)
+        if request.method == "PUT" and path == f"/applications/{APPLICATION['id']}/commands":
+            self.commands = [{**c, "id": self.new_id(), "application_id": APPLICATION["id"],
+                              "version": "1", "type": c.get("type", 1)} for c in body]
+            return _json(self.commands)
+        if request.method == "POST" and path.startswith("/interactions/"):
+            return web.Response(status=204)
         if request.method == "POST" and path.endswith("/typing"):
             if self.forbid_typing:
                 return _json({"message": "Missing Permissions", "code": 50013}, status=403)

@@ -309,3 +309,29 @@ def test_a_dropped_gateway_connection_is_resumed(tmp_path, count_tokens, monkeyp
 
     fake = run(fixed_engine(tmp_path, count_tokens), monkeypatch, scenario)
     assert replies(fake, DM_CHANNEL) == ["hello", "there"] * 2
+
+
+def test_slash_commands_are_registered_and_answered(tmp_path, count_tokens, monkeypatch):
+    memory = EmbeddedMemory(tmp_path / "m.json")
+    engine = Engine(PERSONA, FixedBackend(), memory, count_tokens)
+    blocked = {**BEA, "id": "444444444444444444"}
+    gate = Gate(Rules(block_users=frozenset({f"discord:{blocked['id']}"})), "Sam")
+
+    async def scenario(fake):
+        assert {c["name"] for c in fake.commands} == {"reset", "forget", "help", "about"}
+        await fake.push(fake.message("remember me", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent()) == 2)
+        await fake.push_interaction(fake.interaction("forget", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.interaction_replies()) == 1)
+        await fake.push_interaction(fake.interaction("about", ANA, GUILD_CHANNEL, GUILD))
+        await fake.push_interaction(fake.interaction("reset", blocked, GUILD_CHANNEL, GUILD))
+        await until(lambda: len(fake.interaction_replies()) == 3)
+
+    fake = run(engine, monkeypatch, scenario, gate)
+    forget, *others = (r["data"] for r in fake.interaction_replies())
+    about, refused = sorted(others, key=lambda d: "Sorry" in d["content"])  # these two raced
+    assert forget["content"] == "Done: removed 1 of your messages from my memory."
+    assert forget["flags"] & 64  # ephemeral: only the caller sees it
+    assert "AI clone of Sam" in about["content"] and not about.get("flags", 0) & 64
+    assert refused["content"] == "Sorry, I can't talk here." and refused["flags"] & 64
+    assert all(r["data"]["allowed_mentions"]["parse"] == [] for r in fake.interaction_replies())
