@@ -145,7 +145,7 @@ async def start_telegram(engine, settings: Settings, gate: Gate | None):
     """The running Telegram Application: long polling, or a webhook when TELEGRAM_WEBHOOK_URL is set."""
     from telegram.error import InvalidToken
 
-    from bot.telegram import build_application
+    from bot.telegram import build_application, register_commands
 
     assert settings.telegram_token
     app = build_application(settings.telegram_token, engine, settings.telegram_base_url, gate)
@@ -156,6 +156,7 @@ async def start_telegram(engine, settings: Settings, gate: Gate | None):
     if not app.bot.bot.is_bot:
         await app.shutdown()
         raise SettingsError("TELEGRAM_TOKEN belongs to a user account, not a bot: use a bot token")
+    await register_commands(app.bot)
     await app.start()
     url = settings.telegram_webhook_url
     if url:

@@ -152,6 +152,19 @@ def build_application(
     return app
 
 
+async def register_commands(bot: Bot) -> None:
+    """The command menu Telegram shows under "/"; cosmetic, so a failure is only logged."""
+    try:
+        await bot.set_my_commands([
+            ("reset", "Forget this chat's conversation"),
+            ("forget", "Delete everything you said to me, in every chat"),
+            ("help", "How to talk to me"),
+            ("about", "What this bot is"),
+        ])
+    except TelegramError as e:
+        log.warning("telegram: command menu not set (%s)", type(e).__name__)
+
+
 def _defuse_mentions(text: str) -> str:
     """Telegram turns any "@username" in plain text into a mention that notifies that user; a word
     joiner after the "@" keeps the text as it reads while the model's output pings no one."""

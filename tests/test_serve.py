@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -202,6 +203,8 @@ def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
     assert forged == 403 and real == 200
     assert [m["text"] for m in fake.sent()] == ["hello", "there"]  # the forged update was not answered
     assert not any(c.method == "getUpdates" for c in fake.calls)
+    menu = json.loads(fake.sent("setMyCommands")[0]["commands"])
+    assert [c["command"] for c in menu] == ["reset", "forget", "help", "about"]
 
 
 async def until_listening(http, url: str) -> None:
