@@ -109,12 +109,15 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
                 message.author.display_name or "someone", text, is_dm,
             )
             started = time.monotonic()
+            introduce = await gate.first_contact(_sender(message))
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     await stack.enter_async_context(message.channel.typing())
                 except discord.HTTPException as e:  # cosmetic: never worth losing the reply over
                     log.debug("typing failed channel=%s status=%s", channel_id, e.status)
                 replies = await engine.handle(incoming)
+            if introduce:  # the first reply in a channel says plainly what this bot is
+                replies = [about_text, *replies]
             # In a server, the first message quotes the one it answers: others may have spoken since.
             sent = await _send_all(message.channel, replies, None if is_dm else message)
         log.info(

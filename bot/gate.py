@@ -16,6 +16,7 @@ and in this process otherwise. The gate knows platforms only as names and ids, l
     reply_in = ["discord:1234"]   # chats answered without a mention
     messages_per_minute = 6   # per user; 0 turns the limit off
     about = "..."             # the /about text
+    introduce = true          # the first reply in a chat starts with the /about text
 
 The owner is always answered and never rate limited; a block list beats an allow list.
 """
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PLATFORMS = ("telegram", "discord")
 DEFAULT_MESSAGES_PER_MINUTE = 6
 SEEN_TTL_S = 24 * 3600  # a platform re-delivers a message within minutes, not days
+INTRODUCED_TTL_S = 365 * 24 * 3600  # a chat hears "I'm an AI clone" again after a year of silence
 RATE_LIMIT_REPLY = (
     "You're sending messages faster than I can keep up with. Give me a minute, then try again."
 )
@@ -86,6 +88,7 @@ class Rules:
     reply_in: frozenset[str] = frozenset()
     messages_per_minute: float = DEFAULT_MESSAGES_PER_MINUTE
     about: str | None = None
+    introduce: bool = True
 
     @classmethod
     def from_persona(cls, persona: Persona) -> Rules:
@@ -94,7 +97,7 @@ class Rules:
 
     @classmethod
     def parse(cls, table: dict[str, Any], where: str = "[serve]") -> Rules:
-        known = (*_ID_LISTS, "messages_per_minute", "about")
+        known = (*_ID_LISTS, "messages_per_minute", "about", "introduce")
         for key in table:
             if key not in known:
                 raise GateSettingsError(f"{where}: unknown setting `{key}` (known: {', '.join(known)})")
@@ -116,7 +119,11 @@ class Rules:
         about = table.get("about")
         if about is not None and (not isinstance(about, str) or not about.strip()):
             raise GateSettingsError(f"{where}: `about` must be a non-empty string")
-        return cls(**lists, messages_per_minute=float(rate), about=about.strip() if about else None)
+        introduce = table.get("introduce", True)
+        if not isinstance(introduce, bool):
+            raise GateSettingsError(f"{where}: `introduce` must be true or false")
+        return cls(**lists, messages_per_minute=float(rate), about=about.strip() if about else None,
+                   introduce=introduce)
 
     def is_owner(self, sender: Sender) -> bool:
         return sender.qualified(sender.user_id) in self.owner
@@ -148,13 +155,14 @@ class LocalState:
         self._buckets: dict[str, tuple[float, float, bool]] = {}  # key -> (tokens, at, warned)
         self.max_seen = max_seen
 
-    async def claim(self, key: str) -> bool:
+    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True) -> bool:
         now = time.monotonic()
         while self._seen and (len(self._seen) >= self.max_seen or next(iter(self._seen.values())) < now):
-            self._seen.popitem(last=False)
-        if key in self._seen:
+            self._seen.popitem(last=False)  # oldest first: bounded, whatever the TTLs
+        if self._seen.get(key, 0.0) >= now:
             return False
-        self._seen[key] = now + SEEN_TTL_S
+        self._seen.pop(key, None)  # an expired one goes back to the end
+        self._seen[key] = now + ttl_s
         return True
 
     async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
@@ -224,8 +232,9 @@ class RedisState:
             log.info("gate: Redis is reachable again")
         return result
 
-    async def claim(self, key: str) -> bool:
-        return bool(await self._call(True, self.client.set(key, "1", nx=True, ex=SEEN_TTL_S)))
+    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True) -> bool:
+        """Whether this call set `key` (it was not set); `fallback` while Redis is unreachable."""
+        return bool(await self._call(fallback, self.client.set(key, "1", nx=True, ex=int(ttl_s))))
 
     async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
         ttl_ms = int(capacity / per_second * 1000) + 1000  # a full refill, then the bucket is moot
@@ -268,6 +277,14 @@ class Gate:
             return Verdict.ANSWER
         log.info("gate: rate limited %s user=%s", sender.platform, sender.user_id)
         return Verdict.LIMITED if taken == _WARN else Verdict.LIMITED_QUIET
+
+    async def first_contact(self, sender: Sender) -> bool:
+        """Whether the clone should introduce itself (once per chat) before its reply. Not while
+        Redis is unreachable: better no introduction than one with every message."""
+        if not self.rules.introduce:
+            return False
+        key = self._key("introduced", sender.platform, sender.chat_id)
+        return await self.state.claim(key, INTRODUCED_TTL_S, fallback=False)
 
     async def close(self) -> None:
         await self.state.close()

@@ -99,8 +99,11 @@ def build_application(
                 (user.full_name if user else "") or "someone", text, is_dm,
             )
             started = time.monotonic()
+            introduce = await gate.first_contact(_sender(message))
             replies = await _with_typing(context, message.chat_id, engine.handle(incoming))
             replies = [_defuse_mentions(r) for r in replies]
+            if introduce:  # the first reply in a chat says plainly what this bot is
+                replies = [about_text, *replies]
             # In a group, the first message quotes the one it answers: others may have spoken since.
             quote = None if is_dm else message.message_id
             sent = await _send_all(context.bot, message.chat_id, replies, quote)

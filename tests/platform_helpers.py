@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from bot.gate import Rules
+
 
 class FixedBackend:
     """Stands in for the model: the thing under test is the adapter, not the generation."""
@@ -48,3 +50,8 @@ def drop_redis_keys(persona: str, url: str = "redis://127.0.0.1:6379/0") -> None
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def quiet(**rules) -> Rules:
+    """Serving rules without the first-contact introduction, for tests that count replies."""
+    return Rules(introduce=False, **rules)

@@ -13,7 +13,7 @@ from bot.engine import Engine
 from bot.gate import RATE_LIMIT_REPLY, Gate, RedisState, Rules
 from bot.memory import EmbeddedMemory
 from tests.fake_discord import BOT, FakeDiscord
-from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, until
+from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, quiet, until
 from training.persona import Persona
 
 PERSONA = Persona(name="Sam", description="Texts in short bursts.")
@@ -34,7 +34,8 @@ def run(engine: Engine, monkeypatch, scenario, gate: Gate | None = None) -> Fake
     async def main():
         await fake.start()
         fake.patch(monkeypatch)
-        client = build_client(engine, gate, guild_ready_timeout=0.05)
+        client = build_client(engine, gate or Gate(quiet(), engine.persona.name),
+                              guild_ready_timeout=0.05)
         task = asyncio.create_task(client.start(TOKEN))
         try:
             await until(client.is_ready)  # READY seen, on_ready dispatched
@@ -198,7 +199,7 @@ BEA = {**ANA, "id": "333333333333333333", "username": "bea", "global_name": "Bea
 def test_servers_channels_users_the_owner_and_the_rate_limit(tmp_path, count_tokens, monkeypatch):
     other_guild, other_channel = "500000000000000001", "500000000000000002"
     open_channel = "400000000000000009"
-    rules = Rules(owner=frozenset({f"discord:{BEA['id']}"}),
+    rules = quiet(owner=frozenset({f"discord:{BEA['id']}"}),
                   block_servers=frozenset({f"discord:{other_guild}"}),
                   reply_in=frozenset({f"discord:{open_channel}"}), messages_per_minute=1)
     backend = FixedBackend("hi")
@@ -236,7 +237,7 @@ def test_one_channel_keeps_its_order_and_never_holds_up_another(tmp_path, count_
         await asyncio.sleep(0.2)
 
     fake = run(fixed_engine(tmp_path, count_tokens, backend), monkeypatch, scenario,
-               Gate(Rules(messages_per_minute=0), "Sam"))
+               Gate(quiet(messages_per_minute=0), "Sam"))
     assert replies(fake, DM_CHANNEL) == ["re: one", "re: two", "re: three"]
     order = [c.path for c in fake.calls if c.method == "POST" and c.path.endswith("/messages")]
     assert order.index(f"/channels/{other_dm}/messages") < order.index(f"/channels/{DM_CHANNEL}/messages")
@@ -254,7 +255,7 @@ def test_two_connected_processes_answer_each_message_once(tmp_path, count_tokens
         fake.patch(monkeypatch)
         clients, tasks, gates = [], [], []
         for i, backend in enumerate(backends):
-            gate = Gate(Rules(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
+            gate = Gate(quiet(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
             engine = Engine(PERSONA, backend, EmbeddedMemory(tmp_path / f"m{i}.json"), count_tokens)
             client = build_client(engine, gate, guild_ready_timeout=0.05)
             tasks.append(asyncio.create_task(client.start(TOKEN)))
@@ -315,7 +316,7 @@ def test_slash_commands_are_registered_and_answered(tmp_path, count_tokens, monk
     memory = EmbeddedMemory(tmp_path / "m.json")
     engine = Engine(PERSONA, FixedBackend(), memory, count_tokens)
     blocked = {**BEA, "id": "444444444444444444"}
-    gate = Gate(Rules(block_users=frozenset({f"discord:{blocked['id']}"})), "Sam")
+    gate = Gate(quiet(block_users=frozenset({f"discord:{blocked['id']}"})), "Sam")
 
     async def scenario(fake):
         assert {c["name"] for c in fake.commands} == {"reset", "forget", "help", "about"}
@@ -335,3 +336,16 @@ def test_slash_commands_are_registered_and_answered(tmp_path, count_tokens, monk
     assert "AI clone of Sam" in about["content"] and not about.get("flags", 0) & 64
     assert refused["content"] == "Sorry, I can't talk here." and refused["flags"] & 64
     assert all(r["data"]["allowed_mentions"]["parse"] == [] for r in fake.interaction_replies())
+
+
+def test_the_first_reply_in_a_channel_says_it_is_an_ai_clone(tmp_path, count_tokens, monkeypatch):
+    async def scenario(fake):
+        await fake.push(fake.message("hi, is that you?", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent()) == 3)
+        await fake.push(fake.message("and now?", ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent()) == 5)
+        await asyncio.sleep(0.2)
+
+    fake = run(fixed_engine(tmp_path, count_tokens), monkeypatch, scenario, Gate(Rules(), "Sam"))
+    texts = replies(fake, DM_CHANNEL)
+    assert "AI clone of Sam" in texts[0] and texts[1:] == ["hello", "there", "hello", "there"]

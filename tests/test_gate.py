@@ -94,6 +94,7 @@ def test_a_full_serve_table_parses():
     ({"messages_per_minute": -1}, "`messages_per_minute` must be a number >= 0"),
     ({"messages_per_minute": "6"}, "`messages_per_minute`"),
     ({"about": ""}, "`about` must be a non-empty string"),
+    ({"introduce": "yes"}, "`introduce` must be true or false"),
 ])
 def test_a_bad_serve_setting_is_named(table, named):
     with pytest.raises(GateSettingsError) as e:
@@ -250,3 +251,29 @@ def test_local_claims_stay_bounded():
         assert not await state.claim("k999")
 
     asyncio.run(scenario())
+
+
+def test_a_chat_is_introduced_to_once(make_gate):
+    async def scenario():
+        gate = make_gate()
+        assert await gate.first_contact(sender(chat="5"))
+        assert not await gate.first_contact(sender(chat="5", user="other"))
+        assert await gate.first_contact(sender(chat="6"))
+        assert not await make_gate(Rules(introduce=False)).first_contact(sender(chat="7"))
+
+    make_gate.run(scenario)
+
+
+def test_no_introduction_while_redis_is_unreachable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario():
+        gate = Gate(Rules(), "p", RedisState(f"redis://127.0.0.1:{port}/0"))
+        try:
+            return await gate.first_contact(sender())
+        finally:
+            await gate.close()
+
+    assert asyncio.run(scenario()) is False

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
+from bot.gate import Gate
 from bot.serve import Settings, SettingsError, serve
 
 from .fake_telegram import FakeTelegram
-from .platform_helpers import until
+from .platform_helpers import quiet, until
 from .test_telegram import dm, fixed_engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,7 +178,7 @@ def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
         settings = Settings(fake.token, fake.base_url, None,
                             telegram_webhook_url=f"http://127.0.0.1:{port}/tg-hook", port=port)
         stop = asyncio.Event()
-        task = asyncio.create_task(serve(engine, settings, stop=stop))
+        task = asyncio.create_task(serve(engine, settings, gate=Gate(quiet(), "Sam"), stop=stop))
         try:
             await until(lambda: bool(fake.sent("setWebhook")), timeout=20)
             hook = fake.sent("setWebhook")[0]

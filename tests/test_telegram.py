@@ -16,7 +16,7 @@ from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory, RedisMemory
 from bot.telegram import build_application
 from tests.fake_telegram import BOT, FakeTelegram
-from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, until
+from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, quiet, until
 from training.base_model import load_model, resolve_base
 from training.persona import Persona
 
@@ -63,7 +63,8 @@ def run(engine: Engine, scenario, gate: Gate | None = None) -> FakeTelegram:
 
     async def main():
         await fake.start()
-        app = build_application(fake.token, engine, base_url=fake.base_url, gate=gate)
+        app = build_application(fake.token, engine, base_url=fake.base_url,
+                                gate=gate or Gate(quiet(), engine.persona.name))
         await app.initialize()
         await app.start()
         await app.updater.start_polling(poll_interval=0, timeout=1)
@@ -256,7 +257,7 @@ def test_with_redis_memory_the_chat_continues_and_forget_counts(tmp_path, count_
 def test_access_lists_the_owner_and_the_rate_limit(tmp_path, count_tokens):
     owner = {"id": 12, "is_bot": False, "first_name": "Sam"}
     blocked = {"id": 13, "is_bot": False, "first_name": "Troll"}
-    rules = Rules(owner=frozenset({"telegram:12"}), block_users=frozenset({"telegram:13"}),
+    rules = quiet(owner=frozenset({"telegram:12"}), block_users=frozenset({"telegram:13"}),
                   messages_per_minute=2)
     backend = FixedBackend("hi")
     engine = fixed_engine(tmp_path, count_tokens, backend)
@@ -287,7 +288,7 @@ def test_a_configured_group_is_answered_without_a_mention_and_replies_quote(tmp_
         await until(lambda: len(fake.sent(chat_id=-500)) == 2)
         await asyncio.sleep(0.2)
 
-    fake = run(engine, scenario, Gate(Rules(reply_in=frozenset({"telegram:-500"})), "Sam"))
+    fake = run(engine, scenario, Gate(quiet(reply_in=frozenset({"telegram:-500"})), "Sam"))
     first, second = fake.sent(chat_id=-500)
     assert json.loads(first["reply_parameters"])["message_id"] > 0  # quotes the message it answers
     assert json.loads(first["reply_parameters"])["allow_sending_without_reply"] is True
@@ -306,7 +307,7 @@ def test_one_chat_keeps_its_order_and_never_holds_up_another(tmp_path, count_tok
         await until(lambda: len(fake.sent(chat_id=11)) == 3)
         await asyncio.sleep(0.2)
 
-    fake = run(engine, scenario, Gate(Rules(messages_per_minute=0), "Sam"))
+    fake = run(engine, scenario, Gate(quiet(messages_per_minute=0), "Sam"))
     assert [m["text"] for m in fake.sent(chat_id=11)] == ["re: one", "re: two", "re: three"]
     order = [str(c.params.get("chat_id")) for c in fake.calls if c.method == "sendMessage"]
     assert order.index("14") < order.index("11")  # Bea's quick answer did not wait for Ana's chat
@@ -323,7 +324,7 @@ def test_two_processes_answer_a_message_once(tmp_path, count_tokens):
         apps, gates = [], []
         for i, fake in enumerate(fakes):
             await fake.start()
-            gate = Gate(Rules(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
+            gate = Gate(quiet(messages_per_minute=0), persona, RedisState("redis://127.0.0.1:6379/0"))
             engine = Engine(PERSONA, backends[i], EmbeddedMemory(tmp_path / f"m{i}.json"), count_tokens)
             app = build_application(fake.token, engine, base_url=fake.base_url, gate=gate)
             await app.initialize()
@@ -350,3 +351,21 @@ def test_two_processes_answer_a_message_once(tmp_path, count_tokens):
     asyncio.run(main())
     assert sum(len(f.sent()) for f in fakes) == 10
     assert sum(len(b.prompts) for b in backends) == 10
+
+
+def test_the_first_reply_in_a_chat_says_it_is_an_ai_clone(tmp_path, count_tokens):
+    engine = fixed_engine(tmp_path, count_tokens)
+
+    async def scenario(fake):
+        fake.queue(dm("hi, is that you?"))
+        await until(lambda: len(fake.sent()) == 3)
+        fake.queue(dm("and now?"))
+        fake.queue(group(f"@{BOT['username']} hello all", mention=True))
+        await until(lambda: len(fake.sent()) == 8)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario, Gate(Rules(), "Sam"))
+    dm_texts = [m["text"] for m in fake.sent(chat_id=11)]
+    assert "AI clone of Sam" in dm_texts[0] and dm_texts[1:] == ["hello", "there", "hello", "there"]
+    group_texts = [m["text"] for m in fake.sent(chat_id=-500)]
+    assert "AI clone of Sam" in group_texts[0] and group_texts[1:] == ["hello", "there"]
