@@ -93,9 +93,8 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
             return
         async with engine.in_order(PLATFORM, channel_id):  # entered before any await
             command = text.split(maxsplit=1)[0].lower()
-            # Deleting what you said is never refused: not for a blocked user, not over the limit.
-            checks = {"check_access": False, "rate_limited": False} if command == "/forget" else {}
-            verdict = await gate.admit(_sender(message), **checks)
+            sender = _sender(message)
+            verdict = await gate.admit(sender, deletion_request=command == "/forget")
             if verdict is Verdict.LIMITED:
                 await _send_all(message.channel, [RATE_LIMIT_REPLY])
             if verdict is not Verdict.ANSWER:
@@ -109,7 +108,7 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
                 message.author.display_name or "someone", text, is_dm,
             )
             started = time.monotonic()
-            introduce = await gate.first_contact(_sender(message))
+            introduce = await gate.first_contact(sender)
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     await stack.enter_async_context(message.channel.typing())
@@ -139,10 +138,9 @@ def build_client(engine: Engine, gate: Gate | None = None, **options: Any) -> di
         behind a reply being generated in the channel (a reset meanwhile is still honoured: the
         engine refuses to remember a reply generated across it)."""
         channel_id = str(interaction.channel_id)
-        checks = {"check_access": False, "rate_limited": False} if command == "/forget" else {}
         guild_id = str(interaction.guild_id) if interaction.guild_id else None
         sender = Sender(PLATFORM, str(interaction.user.id), channel_id, str(interaction.id), guild_id)
-        verdict = await gate.admit(sender, **checks)
+        verdict = await gate.admit(sender, deletion_request=command == "/forget")
         if verdict is Verdict.DUPLICATE:  # another process took it
             return
         if verdict is Verdict.ANSWER:

@@ -255,10 +255,11 @@ class Gate:
     def _key(self, kind: str, *parts: str) -> str:
         return ":".join(["clone", key_part(self.persona), kind, *(key_part(p) for p in parts)])
 
-    async def admit(self, sender: Sender, *, check_access: bool = True, rate_limited: bool = True) -> Verdict:
+    async def admit(self, sender: Sender, *, deletion_request: bool = False) -> Verdict:
         """The verdict for one addressed message. Call it once per message: it claims the message
-        id, so a second call (or another process) gets DUPLICATE."""
-        if check_access and not self.rules.allows(sender):
+        id, so a second call (or another process) gets DUPLICATE. A deletion request (`/forget`)
+        is never refused: not for a blocked user, not over the rate limit."""
+        if not deletion_request and not self.rules.allows(sender):
             log.info("gate: ignored %s user=%s chat=%s (access lists)", sender.platform, sender.user_id,
                      sender.chat_id)
             return Verdict.IGNORE
@@ -269,7 +270,7 @@ class Gate:
                      sender.message_id)
             return Verdict.DUPLICATE
         per_minute = self.rules.messages_per_minute
-        if not rate_limited or per_minute <= 0 or self.rules.is_owner(sender):
+        if deletion_request or per_minute <= 0 or self.rules.is_owner(sender):
             return Verdict.ANSWER
         taken = await self.state.take(
             self._key("rate", sender.platform, sender.user_id), per_minute, per_minute / 60, self.clock())

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bot.discord_bot import SelfBotRefused
 from bot.gate import Gate
 
 log = logging.getLogger(__name__)
@@ -134,6 +133,8 @@ async def serve(
                 await telegram_app.stop()  # waits for the handlers still running
             await telegram_app.shutdown()
     if discord_task is not None and discord_task.done() and not discord_task.cancelled():
+        from bot.discord_bot import SelfBotRefused  # imported only when Discord runs
+
         error = discord_task.exception()
         if isinstance(error, SelfBotRefused):
             raise SettingsError(str(error))

@@ -70,9 +70,9 @@ def build_application(
     gate = gate or Gate(Rules(), engine.persona.name)
     about_text = gate.rules.about or DEFAULT_ABOUT.format(name=engine.persona.name)
 
-    async def admitted(message: Message, **checks: bool) -> bool:
+    async def admitted(message: Message, sender: Sender, deletion_request: bool = False) -> bool:
         """Whether to answer this message; tells the user politely when they go too fast."""
-        verdict = await gate.admit(_sender(message), **checks)
+        verdict = await gate.admit(sender, deletion_request=deletion_request)
         if verdict is Verdict.LIMITED:
             await _send_all(app.bot, message.chat_id, [RATE_LIMIT_REPLY])
         return verdict is Verdict.ANSWER
@@ -91,7 +91,8 @@ def build_application(
             if not text:
                 return
         async with engine.in_order(PLATFORM, str(message.chat_id)):  # entered before any await
-            if not await admitted(message):
+            sender = _sender(message)
+            if not await admitted(message, sender):
                 return
             user = message.from_user
             incoming = Incoming(
@@ -99,7 +100,7 @@ def build_application(
                 (user.full_name if user else "") or "someone", text, is_dm,
             )
             started = time.monotonic()
-            introduce = await gate.first_contact(_sender(message))
+            introduce = await gate.first_contact(sender)
             replies = await _with_typing(context, message.chat_id, engine.handle(incoming))
             replies = [_defuse_mentions(r) for r in replies]
             if introduce:  # the first reply in a chat says plainly what this bot is
@@ -113,13 +114,13 @@ def build_application(
             time.monotonic() - started,
         )
 
-    def command(reply: Callable[[Message], Awaitable[str]], **checks: bool):
+    def command(reply: Callable[[Message], Awaitable[str]], deletion_request: bool = False):
         async def handler(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
             message = update.effective_message
             if message is None or message.from_user is None or _from_bot(message):
                 return
             async with engine.in_order(PLATFORM, str(message.chat_id)):
-                if await admitted(message, **checks):
+                if await admitted(message, _sender(message), deletion_request):
                     await _send_all(context.bot, message.chat_id, [await reply(message)])
 
         return handler
@@ -145,9 +146,7 @@ def build_application(
 
     new_messages = filters.UpdateType.MESSAGE  # an edit is not a new message to answer
     app.add_handler(CommandHandler("reset", command(reset), filters=new_messages))
-    # Deleting what you said is never refused: not for a blocked user, not over the rate limit.
-    app.add_handler(CommandHandler(
-        "forget", command(forget, check_access=False, rate_limited=False), filters=new_messages))
+    app.add_handler(CommandHandler("forget", command(forget, deletion_request=True), filters=new_messages))
     app.add_handler(CommandHandler(["help", "start"], command(help_text), filters=new_messages))
     app.add_handler(CommandHandler("about", command(about), filters=new_messages))
     app.add_handler(MessageHandler(new_messages & filters.TEXT & ~filters.COMMAND, on_text))

@@ -191,10 +191,10 @@ def test_owner_forget_and_zero_are_never_limited(make_gate):
         assert {await gate.admit(sender(user="1")) for _ in range(5)} == {Verdict.ANSWER}
         assert await gate.admit(sender(user="2")) is Verdict.ANSWER
         assert await gate.admit(sender(user="2")) is Verdict.LIMITED
-        assert await gate.admit(sender(user="2"), rate_limited=False) is Verdict.ANSWER
+        assert await gate.admit(sender(user="2"), deletion_request=True) is Verdict.ANSWER
         blocked = make_gate(Rules(block_users=frozenset({"telegram:3"})))
         assert await blocked.admit(sender(user="3")) is Verdict.IGNORE
-        assert await blocked.admit(sender(user="3"), check_access=False) is Verdict.ANSWER
+        assert await blocked.admit(sender(user="3"), deletion_request=True) is Verdict.ANSWER
         unlimited = make_gate(Rules(messages_per_minute=0))
         assert {await unlimited.admit(sender(user="4")) for _ in range(50)} == {Verdict.ANSWER}
 
