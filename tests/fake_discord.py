@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dtm
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import discord
 import yarl
 from aiohttp import WSMsgType, web
+
+from tests.platform_helpers import free_port
 
 BOT = {"id": "900000000000000001", "username": "sam_clone", "discriminator": "0",
        "global_name": "Sam clone", "avatar": None, "bot": True}
@@ -54,9 +55,7 @@ class FakeDiscord:
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        with socket.socket() as s:  # a free port
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     def patch(self, monkeypatch) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.platform_helpers import free_port
 
 BOT = {"id": 999, "is_bot": True, "first_name": "Sam clone", "username": "sam_clone_bot",
        "can_join_groups": True, "can_read_all_group_messages": False,
@@ -50,9 +51,7 @@ class FakeTelegram:
         app.router.add_post("/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        with socket.socket() as s:  # a free port
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:

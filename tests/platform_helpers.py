@@ -1,8 +1,9 @@
-"""Helpers shared by the platform adapter tests."""
+"""Helpers shared by the tests that run the platform adapters, local servers and Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from bot.gate import Rules
@@ -55,3 +56,10 @@ def drop_redis_keys(persona: str, url: str = "redis://127.0.0.1:6379/0") -> None
 def quiet(**rules) -> Rules:
     """Serving rules without the first-contact introduction, for tests that count replies."""
     return Rules(introduce=False, **rules)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (for a server to take, or to stay dead)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

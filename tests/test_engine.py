@@ -12,6 +12,7 @@ from pathlib import Path
 from bot.engine import BUSY_REPLY, Engine, Incoming
 from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory
+from tests.platform_helpers import free_port
 from training.base_model import load_model, resolve_base, token_counter
 from training.persona import Persona
 
@@ -111,13 +112,10 @@ def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp
 
 
 def test_chat_through_a_served_model_over_http(tiny_base, tmp_path):
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
     env.pop("REDIS_URL", None)
     server = subprocess.Popen(
@@ -150,14 +148,11 @@ def test_chat_through_a_served_model_over_http(tiny_base, tmp_path):
 
 
 def test_the_engine_still_answers_while_redis_is_unreachable(tiny_base, tokenizer, tmp_path, caplog):
-    import socket
     import time
 
     from bot.memory import RedisMemory
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     backend = LocalBackend(load_model(resolve_base(str(tiny_base))), tokenizer,
                            GenerationSettings(max_new_tokens=4))
     memory = RedisMemory(f"redis://127.0.0.1:{port}/0")

@@ -4,7 +4,6 @@ in this process and in a real Redis shared by two gates (two processes during a 
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 
 import pytest
@@ -19,7 +18,7 @@ from bot.gate import (
     Verdict,
     gate_from_env,
 )
-from tests.platform_helpers import drop_redis_keys
+from tests.platform_helpers import drop_redis_keys, free_port
 from training.persona import Persona, PersonaError
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -226,9 +225,7 @@ def test_two_processes_answer_a_message_once_and_share_the_limit():
 
 
 def test_without_redis_the_gate_lets_messages_through(caplog):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     async def scenario():
         gate = Gate(Rules(messages_per_minute=1), "p", RedisState(f"redis://127.0.0.1:{port}/0"))
@@ -265,9 +262,7 @@ def test_a_chat_is_introduced_to_once(make_gate):
 
 
 def test_no_introduction_while_redis_is_unreachable():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     async def scenario():
         gate = Gate(Rules(), "p", RedisState(f"redis://127.0.0.1:{port}/0"))

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -25,6 +24,7 @@ from bot.memory import (
     Turn,
     memory_from_env,
 )
+from tests.platform_helpers import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DAY = 86400.0
@@ -374,12 +374,6 @@ def test_rediss_url_is_accepted():
 # --- outage -------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_redis(port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -402,7 +396,7 @@ def _start_redis(port: int) -> subprocess.Popen:
 
 
 def test_outage_degrades_quietly_and_recovers(caplog):
-    port = _free_port()
+    port = free_port()
     proc = _start_redis(port)
     secret = "SECRET-MESSAGE-TEXT"
 
@@ -448,7 +442,7 @@ def test_outage_degrades_quietly_and_recovers(caplog):
 
 
 def test_stalled_server_costs_one_short_timeout(caplog):
-    port = _free_port()
+    port = free_port()
     proc = _start_redis(port)
 
     async def go():

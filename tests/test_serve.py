@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from bot.gate import Gate
 from bot.serve import Settings, SettingsError, serve
 
 from .fake_telegram import FakeTelegram
-from .platform_helpers import quiet, until
+from .platform_helpers import free_port, quiet, until
 from .test_telegram import dm, fixed_engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,12 +155,6 @@ def test_a_bad_serve_table_fails_before_the_model_loads(monkeypatch, tmp_path, c
     (tmp_path / "persona.toml").write_text('name = "Sam"\n[serve]\nowner = [12345]\n')
     assert main(["serve", "--persona", str(tmp_path), "--base", str(tmp_path / "no-model")]) == 2
     assert "persona.toml [serve]: `owner[0]` is 12345" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
