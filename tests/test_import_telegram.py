@@ -236,6 +236,59 @@ def test_metadata_after_messages_is_found(tmp_path: Path) -> None:
     ]
 
 
+def minimal_export(chats: list[dict]) -> dict:
+    """A full-account export as other tools write it: chats without an `id`."""
+    return {"chats": {"list": chats}}
+
+
+def test_chats_without_id_get_stable_distinct_ids(tmp_path: Path) -> None:
+    chats = [
+        {"name": "Alice", "type": "personal_chat", "messages": [tg_message(1, "a")]},
+        {"name": "Bob", "type": "personal_chat", "messages": [tg_message(1, "b")]},
+        {"name": "Alice", "type": "private_group", "messages": [tg_message(1, "c")]},
+        {"name": "Alice", "type": "personal_chat", "messages": [tg_message(1, "d")]},  # namesake
+        {"messages": [tg_message(1, "e")]},  # neither name nor type: its place names it
+        {"messages": [tg_message(1, "f")]},
+        {"name": "Carol", "type": "personal_chat", "id": 77, "messages": [tg_message(1, "g")]},
+    ]
+    path = write_json(tmp_path / "result.json", minimal_export(chats))
+    messages, report = read(path)
+    assert [m.text for m in messages] == list("abcdefg")  # no chat skipped
+    ids = [m.chat_id for m in messages]
+    assert len(set(ids)) == len(chats)  # one message per chat, and no two chats share an id
+    assert ids[-1] == "77"  # a real id is kept as it is
+    assert all(not i.isdigit() for i in ids[:-1])  # derived ids cannot be mistaken for real ones
+    assert [m.chat_name for m in messages[:2]] == ["Alice", "Bob"]
+    assert len(report.notes) == 6 and all("no usable id" in n for n in report.notes)
+    assert [m.chat_id for m in read(path)[0]] == ids  # the same export, the same ids
+
+    # Another export of the same account, with a chat more in front: named chats keep their ids.
+    again = write_json(tmp_path / "again.json", minimal_export([
+        {"name": "Dana", "type": "personal_chat", "messages": [tg_message(1, "z")]}, *chats[:4],
+    ]))
+    assert [m.chat_id for m in read(again)[0]][1:] == ids[:4]
+
+
+def test_chats_without_id_keep_their_replies(tmp_path: Path) -> None:
+    chat = {"name": "Alice", "type": "personal_chat", "messages": [
+        tg_message(1, "question?"), tg_message(2, "answer", reply_to_message_id=1)]}
+    path = write_json(tmp_path / "result.json", minimal_export([chat]))
+    first, second = read(path)[0]
+    assert second.reply_to == first.id and first.chat_id == second.chat_id
+
+
+def test_single_chat_export_without_id(tmp_path: Path) -> None:
+    raw = {"name": "Alice", "type": "personal_chat", "messages": [tg_message(1), tg_message(2)]}
+    path = write_json(tmp_path / "result.json", raw)
+    assert sniff_telegram(path.read_bytes())
+    messages, _ = read(path)
+    assert [m.id for m in messages] == ["1", "2"]
+    assert len({m.chat_id for m in messages}) == 1 and messages[0].chat_name == "Alice"
+    # The same chat inside a full export is the same chat: the same derived id.
+    full = write_json(tmp_path / "full.json", minimal_export([raw]))
+    assert read(full)[0][0].chat_id == messages[0].chat_id
+
+
 def test_bad_messages_are_skipped_and_counted(tmp_path: Path) -> None:
     path = write_json(tmp_path / "result.json", {
         "name": "Alice Example", "type": "personal_chat", "id": 4000001, "messages": [
@@ -296,7 +349,7 @@ def test_truncated_full_export_names_the_chat(tmp_path: Path) -> None:
         (b'{"guild": {"id": "1", "name": "G"}, "channel": {"id": "2"}, "messages": []}',
          "not a Telegram export: this looks like a DiscordChatExporter file"),
         (b'{"messages": [{"role": "user", "content": "hi"}]}',
-         "not a Telegram export: the chat has no usable 'id'"),
+         "not a Telegram export: the chat has no 'id', 'name' or 'type'"),
         (b'{"name": "A", "type": "personal_chat", "id": 1, "messages": {"a": 1}}',
          "'messages' is not a list"),
     ],

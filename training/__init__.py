@@ -1,1 +1,1 @@
-"""From chat exports to a private training dataset, and (later) to a LoRA adapter."""
+"""From chat exports to a private training dataset, and from it to a LoRA adapter of the base model."""

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from training.atomic import staged_dir
+from training.config import PrepareConfig  # re-exported: its home was here
 from training.message import ImportReport, Message
 from training.persona import Persona
 from training.privacy import Redactor
@@ -33,17 +34,6 @@ from training.prompt import CONTRACT_VERSION, Utterance, to_chat_messages
 TokenCounter = Callable[[str], int]
 TURN_OVERHEAD = 6  # <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges
 NEAR_DUP_MIN_CHARS = 16  # "ok" and "lol" again are how a person texts, not duplicates
-
-
-@dataclass
-class PrepareConfig:
-    me: Sequence[str]                 # author names or ids that are the person (case-insensitive)
-    gap_minutes: float = 120.0        # silence that ends a conversation
-    near_dup_minutes: float = 60.0    # the same text again within this window is a near duplicate
-    max_tokens: int = 512             # token budget of one sample, system prompt included
-    max_chars: int = 2000             # longer messages are pastes, not texting: dropped
-    val_fraction: float = 0.1
-    seed: int = 0
 
 
 @dataclass
@@ -302,72 +292,99 @@ class Prepared:
     card: DatasetCard
 
 
-def build(
-    messages: Iterable[Message],
+class _Windower:
+    """Step 5 for one persona: conversations into samples that fit the token budget."""
+
+    def __init__(self, persona: Persona, cfg: PrepareConfig, count_tokens: TokenCounter) -> None:
+        self.persona = persona
+        self.count = functools.lru_cache(maxsize=65536)(count_tokens)
+        self.system_cost = self.count(to_chat_messages(persona, [])[0]["content"]) + TURN_OVERHEAD
+        self.budget = cfg.max_tokens - self.system_cost
+
+    def cost(self, piece: list[Utterance], group: bool) -> int:
+        content = to_chat_messages(self.persona, piece, group)[1]["content"]
+        return self.count(content) + TURN_OVERHEAD
+
+    def samples(
+        self, utts: list[Utterance], group: bool, skipped: Counter[str]
+    ) -> list[tuple[dict, int]]:
+        """Each sample of one conversation with its token count."""
+        cost = functools.partial(self.cost, group=group)
+        out = []
+        for w in windows(utts, cost, self.budget, skipped):
+            sample = {"messages": to_chat_messages(self.persona, w, group)}
+            tokens = self.system_cost + sum(
+                self.count(t["content"]) + TURN_OVERHEAD for t in sample["messages"][1:]
+            )
+            out.append((sample, tokens))
+        return out
+
+
+@dataclass
+class _Tally:
+    """The samples of every conversation, and the counts the card reports about them."""
+
+    train: list[dict] = field(default_factory=list)
+    val: list[dict] = field(default_factory=list)
+    stats: Counter[str] = field(default_factory=Counter)
+    first: datetime | None = None
+    last: datetime | None = None
+
+    def add(
+        self, conv: Conversation, utts: list[Utterance], side: str, samples: list[tuple[dict, int]]
+    ) -> None:
+        self.stats[f"conversations_{side}"] += 1
+        self.stats["persona_messages"] += sum(u.from_persona for u in utts)
+        self.stats["other_messages"] += sum(not u.from_persona for u in utts)
+        for m in conv.messages:
+            if m.timestamp:
+                first, last = self.first, self.last
+                self.first = m.timestamp if first is None or _utc(m.timestamp) < _utc(first) else first
+                self.last = m.timestamp if last is None or _utc(m.timestamp) > _utc(last) else last
+        for sample, tokens in samples:
+            (self.val if side == "val" else self.train).append(sample)
+            self.stats[f"tokens_{side}"] += tokens
+
+
+def sample_all(
+    convs: list[Conversation],
     persona: Persona,
     cfg: PrepareConfig,
     count_tokens: TokenCounter,
-    report: ImportReport | None = None,
-) -> Prepared:
-    """Run steps 1 to 6 in memory and return the samples with their card."""
-    report = report or ImportReport()
+    skipped: Counter[str],
+) -> _Tally:
+    """Steps 5 and 6: every conversation with the person in it, windowed into its split."""
     is_me = PersonMatcher(cfg.me)
-    skipped: Counter[str] = Counter()
-    read = Counter()
-
-    def counted(ms: Iterable[Message]) -> Iterable[Message]:
-        for m in ms:
-            read["messages"] += 1
-            yield m
-
-    chats = clean(counted(messages), cfg, skipped)
-    redactions: Counter[str] = Counter()
-    redact_all(chats, Redactor(persona.blocklist), redactions)
-    convs = conversations(chats, cfg)
-
-    count_tokens = functools.lru_cache(maxsize=65536)(count_tokens)
-    system_cost = count_tokens(to_chat_messages(persona, [])[0]["content"]) + TURN_OVERHEAD
-    budget = cfg.max_tokens - system_cost
+    windower = _Windower(persona, cfg, count_tokens)
     val_keys = split([c.key for c in convs], cfg.val_fraction, cfg.seed)
-    train: list[dict] = []
-    val: list[dict] = []
-    stats = Counter()
-    first: datetime | None = None
-    last: datetime | None = None
+    tally = _Tally()
     for conv in convs:
-        group = conv.group
-
-        def cost(piece: list[Utterance], group: bool = group) -> int:
-            content = to_chat_messages(persona, piece, group)[1]["content"]
-            return count_tokens(content) + TURN_OVERHEAD
-
         utts = utterances(conv, is_me)
         if not any(u.from_persona for u in utts):
             skipped["message in a conversation without the person"] += len(utts)
             continue
-        is_val = conv.key in val_keys
-        stats["conversations_val" if is_val else "conversations_train"] += 1
-        stats["persona_messages"] += sum(u.from_persona for u in utts)
-        stats["other_messages"] += sum(not u.from_persona for u in utts)
-        for m in conv.messages:
-            if m.timestamp:
-                first = m.timestamp if first is None or _utc(m.timestamp) < _utc(first) else first
-                last = m.timestamp if last is None or _utc(m.timestamp) > _utc(last) else last
-        for w in windows(utts, cost, budget, skipped):
-            sample = {"messages": to_chat_messages(persona, w, group)}
-            tokens = system_cost + sum(
-                count_tokens(t["content"]) + TURN_OVERHEAD for t in sample["messages"][1:]
-            )
-            (val if is_val else train).append(sample)
-            stats["tokens_val" if is_val else "tokens_train"] += tokens
+        side = "val" if conv.key in val_keys else "train"
+        tally.add(conv, utts, side, windower.samples(utts, conv.group, skipped))
+    return tally
 
+
+def _card(
+    persona: Persona,
+    cfg: PrepareConfig,
+    report: ImportReport,
+    read: int,
+    tally: _Tally,
+    skipped: Counter[str],
+    redactions: Counter[str],
+) -> DatasetCard:
+    stats = tally.stats
     card = DatasetCard(
         persona=persona.name,
         contract_version=CONTRACT_VERSION,
         settings={k: v for k, v in asdict(cfg).items() if k != "me"},
         sources=[{"file": Path(p).name, "format": f} for p, f in report.files],
         messages={
-            "read": read["messages"],
+            "read": read,
             "used": stats["persona_messages"] + stats["other_messages"],
             "persona": stats["persona_messages"],
             "others": stats["other_messages"],
@@ -377,27 +394,42 @@ def build(
             "train": stats["conversations_train"],
             "val": stats["conversations_val"],
         },
-        samples={"train": len(train), "val": len(val)},
+        samples={"train": len(tally.train), "val": len(tally.val)},
         tokens={"train": stats["tokens_train"], "val": stats["tokens_val"]},
         date_range={
-            "first": first.isoformat() if first else None,
-            "last": last.isoformat() if last else None,
+            "first": tally.first.isoformat() if tally.first else None,
+            "last": tally.last.isoformat() if tally.last else None,
         },
         redactions=dict(sorted(redactions.items())),
     )
-    card.fingerprint = fingerprint(train, val)
-    return Prepared(train, val, card)
+    card.fingerprint = fingerprint(tally.train, tally.val)
+    return card
 
 
-def prepare_persona(persona: Persona, out: Path, count_tokens: TokenCounter) -> Prepared:
-    """Everything in the persona's exports/ into a dataset at `out`, with the persona's settings."""
-    from training.importers import import_messages
+def build(
+    messages: Iterable[Message],
+    persona: Persona,
+    cfg: PrepareConfig,
+    count_tokens: TokenCounter,
+    report: ImportReport | None = None,
+) -> Prepared:
+    """Run steps 1 to 6 in memory and return the samples with their card."""
+    report = report or ImportReport()
+    skipped: Counter[str] = Counter()
+    read = 0
 
-    report = ImportReport()
-    messages = list(import_messages([persona.exports], report))
-    prepared = build(messages, persona, PrepareConfig(me=list(persona.me)), count_tokens, report)
-    write(prepared, out)
-    return prepared
+    def counted(ms: Iterable[Message]) -> Iterable[Message]:
+        nonlocal read
+        for m in ms:
+            read += 1
+            yield m
+
+    chats = clean(counted(messages), cfg, skipped)
+    redactions: Counter[str] = Counter()
+    redact_all(chats, Redactor(persona.blocklist), redactions)
+    tally = sample_all(conversations(chats, cfg), persona, cfg, count_tokens, skipped)
+    card = _card(persona, cfg, report, read, tally, skipped, redactions)
+    return Prepared(tally.train, tally.val, card)
 
 
 def _jsonl(samples: list[dict]) -> str:

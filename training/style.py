@@ -22,6 +22,7 @@ import statistics
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 LENGTH_BINS: tuple[tuple[str, int, float], ...] = (  # label, low (inclusive), high (exclusive)
     ("0-10", 0, 10),
@@ -186,6 +187,65 @@ def _length_bin(n: int) -> str:
     return next(label for label, lo, hi in LENGTH_BINS if lo <= n < hi)
 
 
+@dataclass
+class _Tally:
+    """Running counts over the messages of many replies: what `style_stats` summarises."""
+
+    empty: int = 0
+    bursts: Counter[str] = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    vocab: set[str] = field(default_factory=set)
+    words: int = 0
+    lower: int = 0         # messages whose first letter is lowercase ...
+    first_cased: int = 0   # ... out of those whose first letter has a case
+    upper: int = 0         # messages shouting ("LOL") ...
+    any_cased: int = 0     # ... out of those with a cased letter
+    end_punct: int = 0
+    question: int = 0
+    exclaim: int = 0
+    emoji: int = 0
+    emoticons: int = 0
+
+    def add_reply(self, reply: str) -> None:
+        msgs = _messages(reply)
+        if not msgs:
+            self.empty += 1
+            return
+        self.bursts[str(len(msgs)) if len(msgs) < 5 else "5+"] += 1
+        for m in msgs:
+            self.add_message(m)
+
+    def add_message(self, m: str) -> None:
+        self.lengths.append(len(m))
+        tokens = words(m)
+        self.words += len(tokens)
+        self.vocab.update(tokens)
+        first = _first_letter(m)
+        if first is not None and first.lower() != first.upper():
+            self.first_cased += 1
+            self.lower += first.islower()
+        cased = _cased(m)
+        if cased:
+            self.any_cased += 1
+            self.upper += len(cased) >= 2 and all(ch.isupper() for ch in cased)
+        self.end_punct += m[-1] in ".!?"
+        self.question += "?" in m
+        self.exclaim += "!" in m
+        self.emoji += count_emoji(m)
+        self.emoticons += count_emoticons(m)
+
+
+def _length_stats(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    histogram = Counter(_length_bin(n) for n in lengths)
+    return {
+        "length_mean": round(statistics.fmean(lengths), 4) if lengths else None,
+        "length_median": round(float(statistics.median(ordered)), 4) if lengths else None,
+        "length_p90": round(_percentile(ordered, 0.9), 4) if lengths else None,
+        "length_histogram": {label: histogram[label] for label, _, _ in LENGTH_BINS},
+    }
+
+
 def style_stats(replies: Sequence[str]) -> dict:
     """Style numbers over all `replies` (see the module docstring for the conventions).
 
@@ -198,59 +258,26 @@ def style_stats(replies: Sequence[str]) -> dict:
     and exclamation_rate (containing ? / !), emoji_per_message, emoticons_per_message (over all
     messages). Rates and means are None when there is nothing to divide by.
     """
-    bursts: Counter[str] = Counter()
-    lengths: list[int] = []
-    vocab: set[str] = set()
-    n_words = empty = 0
-    lower = first_cased = upper = any_cased = 0
-    end_punct = question = exclaim = emoji = emoticons = 0
+    t = _Tally()
     for reply in replies:
-        msgs = _messages(reply)
-        if not msgs:
-            empty += 1
-            continue
-        bursts[str(len(msgs)) if len(msgs) < 5 else "5+"] += 1
-        for m in msgs:
-            lengths.append(len(m))
-            tokens = words(m)
-            n_words += len(tokens)
-            vocab.update(tokens)
-            first = _first_letter(m)
-            if first is not None and first.lower() != first.upper():
-                first_cased += 1
-                lower += first.islower()
-            cased = _cased(m)
-            if cased:
-                any_cased += 1
-                upper += len(cased) >= 2 and all(ch.isupper() for ch in cased)
-            end_punct += m[-1] in ".!?"
-            question += "?" in m
-            exclaim += "!" in m
-            emoji += count_emoji(m)
-            emoticons += count_emoticons(m)
-    n_msgs = len(lengths)
-    n_bursts = sum(bursts.values())
-    ordered = sorted(lengths)
-    histogram = Counter(_length_bin(n) for n in lengths)
+        t.add_reply(reply)
+    n_msgs = len(t.lengths)
     return {
         "replies": len(replies),
-        "empty_replies": empty,
+        "empty_replies": t.empty,
         "messages": n_msgs,
-        "words": n_words,
-        "vocabulary_size": len(vocab),
-        "messages_per_burst": _share(n_msgs, n_bursts),
-        "burst_counts": {label: bursts[label] for label in BURST_BINS},
-        "length_mean": round(statistics.fmean(lengths), 4) if lengths else None,
-        "length_median": round(float(statistics.median(ordered)), 4) if lengths else None,
-        "length_p90": round(_percentile(ordered, 0.9), 4) if lengths else None,
-        "length_histogram": {label: histogram[label] for label, _, _ in LENGTH_BINS},
-        "lowercase_rate": _share(lower, first_cased),
-        "uppercase_rate": _share(upper, any_cased),
-        "end_punctuation_rate": _share(end_punct, n_msgs),
-        "question_rate": _share(question, n_msgs),
-        "exclamation_rate": _share(exclaim, n_msgs),
-        "emoji_per_message": _share(emoji, n_msgs),
-        "emoticons_per_message": _share(emoticons, n_msgs),
+        "words": t.words,
+        "vocabulary_size": len(t.vocab),
+        "messages_per_burst": _share(n_msgs, sum(t.bursts.values())),
+        "burst_counts": {label: t.bursts[label] for label in BURST_BINS},
+        **_length_stats(t.lengths),
+        "lowercase_rate": _share(t.lower, t.first_cased),
+        "uppercase_rate": _share(t.upper, t.any_cased),
+        "end_punctuation_rate": _share(t.end_punct, n_msgs),
+        "question_rate": _share(t.question, n_msgs),
+        "exclamation_rate": _share(t.exclaim, n_msgs),
+        "emoji_per_message": _share(t.emoji, n_msgs),
+        "emoticons_per_message": _share(t.emoticons, n_msgs),
     }
 
 

@@ -1,13 +1,16 @@
 """LoRA fine-tuning of the base model on a prepared dataset, into a new `adapters/<version>/`.
 
 Read top to bottom:
-  1. settings     TrainConfig, like TRL's config dataclasses
+  1. settings     TrainConfig (training/config.py, torch-free, like TRL's config dataclasses)
   2. speed        glibc allocator tuning, bf16 where the hardware multiplies it fast, no LoRA dropout
   3. data         samples encoded once; labels only on the person's turns
-  4. model        base model + LoRA on every linear layer (peft)
+  4. model        base model + LoRA on the top layers' linear modules (peft)
   5. loop         transformers' Trainer: length-grouped batches, the LM head run only where the
-                  loss needs it, checkpoints, evaluation, progress bar with ETA and tokens/s
-  6. output       adapter + tokenizer + manifest (last) staged, then renamed into place
+                  loss needs it, checkpoints, evaluation, progress bar with ETA and tokens/s;
+                  with a time budget, the number of steps (and so the whole warm-up + cosine
+                  schedule) is planned from the measured speed and re-planned after every step
+  6. output       adapter + tokenizer + manifest (last) staged, then renamed into place; nothing
+                  in it names a path of this machine, since adapters are moved and shared
   7. activation   `adapters/active` swapped only after the run finished and was evaluated
 
 Why not TRL's SFTTrainer: its assistant-only loss needs `{% generation %}` markers that
@@ -23,16 +26,20 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from training import adapters
 from training.atomic import staged_dir
-from training.base_model import BaseModel, load_model, load_tokenizer, resolve_base
+from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
+from training.config import TrainConfig  # re-exported: its home was here
 from training.encode import IGNORE, collate, encode, load_jsonl, token_nll
 from training.prompt import CONTRACT_VERSION
 
@@ -40,35 +47,6 @@ log = logging.getLogger(__name__)
 
 
 # -- 1. settings ---------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    data: Path                          # a folder with train.jsonl, val.jsonl, card.json
-    out: Path = Path("adapters")        # the adapter registry
-    base: str | None = None             # None: the packaged SmolLM2-135M-Instruct
-    epochs: float = 3.0
-    max_steps: int = -1                 # > 0 overrides epochs
-    max_minutes: float | None = None    # stop (and still finish properly) after this long
-    learning_rate: float = 3e-4         # LoRA wants far more than full fine-tuning's 2e-5
-    batch_size: int = 4                 # x 640 tokens at most: activations stay under ~5 GB
-    grad_accum: int = 1
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0           # dropout copies every LoRA input: 29% slower when on
-    target_modules: list[str] | str = "all-linear"
-    # LoRA on the top layers only: backward then stops at the lowest adapted layer, and the
-    # layers below run forward without keeping activations (top half: measured 1.4x, less memory).
-    lora_top_layers: float = 0.5
-    max_length: int = 640               # tokens; the dataset's budget is 512
-    warmup_ratio: float = 0.05
-    eval_steps: int = 50
-    save_steps: int = 25
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
-    activate: bool = True
-    precision: str = "auto"             # auto | fp32 | bf16
 
 
 @dataclass
@@ -173,10 +151,26 @@ def with_lora(model, cfg: TrainConfig):
 # -- 5. loop ---------------------------------------------------------------------------------
 
 
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at `step` of `total`: linear warm-up, then cosine decay to 0.
+
+    The same numbers as transformers' "cosine" schedule, except that a step past the end stays
+    at 0 instead of rising again (the end can move: see TimeBudget).
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 class CloneTrainer(Trainer):
-    """Trainer whose loss runs the LM head only on labelled positions, and counts real tokens."""
+    """Trainer whose loss runs the LM head only on labelled positions, and counts real tokens.
+
+    Its learning-rate schedule ends at `planned_steps`, which may change during the run.
+    """
 
     tokens_seen = 0
+    planned_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         nll, n = token_nll(model, inputs)
@@ -185,9 +179,32 @@ class CloneTrainer(Trainer):
             self.tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, {}) if return_outputs else loss
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.planned_steps = num_training_steps
+
+            def factor(step: int) -> float:  # a plain function: LambdaLR leaves it out of checkpoints
+                return warmup_cosine(step, self.planned_steps, self.args.get_warmup_steps(self.planned_steps))
+
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True  # as the base class does: a new train() makes a new one
+        return self.lr_scheduler
+
+    def plan_steps(self, steps: int) -> None:
+        """End the schedule (and the run) at `steps`, starting with the next step's rate."""
+        if steps == self.planned_steps:
+            return
+        self.planned_steps = steps
+        # The scheduler already set the next step's rate from the old plan: set it again.
+        self.lr_scheduler.last_epoch -= 1
+        self.lr_scheduler.step()
+
 
 class TokenProgress(ProgressCallback):
-    """The Trainer's progress bar (steps and ETA), with tokens/s and the latest loss added."""
+    """The Trainer's progress bar (steps and ETA), with tokens/s and the latest loss added.
+
+    Its total follows `state.max_steps`, which a time budget re-plans, so the ETA is the plan's.
+    """
 
     def __init__(self, trainer: CloneTrainer) -> None:
         super().__init__()
@@ -200,6 +217,8 @@ class TokenProgress(ProgressCallback):
         self.started, self.tokens_at_start = time.monotonic(), self.trainer.tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None and self.training_bar.total != state.max_steps:
+            self.training_bar.total = state.max_steps
         super().on_step_end(args, state, control, **kwargs)
         if self.training_bar is not None:
             rate = (self.trainer.tokens_seen - self.tokens_at_start) / (time.monotonic() - self.started)
@@ -211,14 +230,48 @@ class TokenProgress(ProgressCallback):
         pass  # the bar's postfix shows the numbers; printing every log line would bury it
 
 
-class TimeBudget(TrainerCallback):
-    """End training after `minutes`, the normal way (final save and evaluation still happen)."""
+# What follows the last step, in the time a budget keeps free for it: an evaluation batch runs
+# forward only, about a third of a training step (half is counted, for margin), plus saving.
+FORWARD_SHARE = 0.5
+SAVE_SECONDS = 1.0
+SCORE_BATCH = 8  # mean_nll's batch size
 
-    def __init__(self, minutes: float) -> None:
-        self.deadline = time.monotonic() + minutes * 60
+
+class TimeBudget(TrainerCallback):
+    """Plan the number of steps so that the whole run ends by `deadline` (time.monotonic()).
+
+    After every step: seconds per step so far (wall clock, so evaluations and checkpoints are
+    included; the first step, which carries the start-up, only until there is a second), then
+    as many steps as fit before the deadline less the time the final evaluation and saving
+    take, never more than epochs/max_steps allow. The plan becomes `state.max_steps` (so the
+    Trainer's own end-of-run handling stops, evaluates and saves there, and the progress bar
+    shows it) and the end of the learning-rate schedule, which therefore always completes.
+    Must run before DefaultFlowCallback, which compares the step with `state.max_steps`.
+    """
+
+    def __init__(self, trainer: CloneTrainer, deadline: float, final_batches: int) -> None:
+        self.trainer, self.deadline, self.final_batches = trainer, deadline, final_batches
+        self.limit = 0            # the steps epochs/max_steps allow
+        self.began = 0.0          # when training began
+        self.mark: tuple[float, int] | None = None  # (time, step) at the end of the first step
+        self.limited = False      # whether the budget, not epochs/max_steps, ended the run
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.limit, self.began = state.max_steps, time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() > self.deadline:
+        now = time.monotonic()
+        if self.mark is None:
+            per_step = now - self.began
+            self.mark = (now, state.global_step)
+        else:
+            per_step = (now - self.mark[0]) / max(1, state.global_step - self.mark[1])
+        left = self.deadline - now - (self.final_batches * FORWARD_SHARE * per_step + SAVE_SECONDS)
+        planned = min(self.limit, state.global_step + max(0, math.floor(left / per_step)))
+        self.limited = planned < self.limit
+        state.max_steps = planned
+        self.trainer.plan_steps(planned)
+        if now >= self.deadline:  # a safety: the plan should have ended the run before
             control.should_training_stop = True
 
 
@@ -241,7 +294,7 @@ def training_args(cfg: TrainConfig, work: Path, precision: str, has_val: bool) -
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="cosine",  # the shape CloneTrainer.create_scheduler gives, end movable
         warmup_steps=cfg.warmup_ratio,
         weight_decay=0.0,
         train_sampling_strategy="group_by_length",  # near-zero padding without flattening rows
@@ -265,8 +318,9 @@ def training_args(cfg: TrainConfig, work: Path, precision: str, has_val: bool) -
 
 def build_trainer(
     cfg: TrainConfig, model, tokenizer, train_rows: list[dict], val_rows: list[dict], work: Path,
-    precision: str, trainer_class: type[CloneTrainer] = CloneTrainer,
+    precision: str, trainer_class: type[CloneTrainer] = CloneTrainer, started: float | None = None,
 ) -> CloneTrainer:
+    """The Trainer for one run; `started` (time.monotonic()) is when cfg.max_minutes began."""
     trainer = trainer_class(
         model=model,
         args=training_args(cfg, work, precision, bool(val_rows)),
@@ -278,8 +332,16 @@ def build_trainer(
     trainer.remove_callback(ProgressCallback)  # replaced by the same bar with tokens/s added
     trainer.add_callback(TokenProgress(trainer))
     if cfg.max_minutes:
-        trainer.add_callback(TimeBudget(cfg.max_minutes))
+        deadline = (time.monotonic() if started is None else started) + cfg.max_minutes * 60
+        # After the last step: the Trainer's evaluation, then mean_nll's scoring in train().
+        final_batches = math.ceil(len(val_rows) / cfg.batch_size) + math.ceil(len(val_rows) / SCORE_BATCH)
+        # First in line: DefaultFlowCallback must see the new plan in the same step.
+        trainer.callback_handler.callbacks.insert(0, TimeBudget(trainer, deadline, final_batches))
     return trainer
+
+
+def time_budget(trainer: CloneTrainer) -> TimeBudget | None:
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TimeBudget)), None)
 
 
 def library_versions() -> dict[str, str]:
@@ -290,7 +352,7 @@ def library_versions() -> dict[str, str]:
 
 @torch.no_grad()
 def mean_nll(
-    model, rows: list[dict], pad_id: int, batch_size: int = 8, desc: str = "Scoring"
+    model, rows: list[dict], pad_id: int, batch_size: int = SCORE_BATCH, desc: str = "Scoring"
 ) -> tuple[float, int]:
     """Token-weighted mean negative log-likelihood of the labelled tokens of `rows`."""
     from tqdm import tqdm
@@ -307,10 +369,114 @@ def mean_nll(
     return (total / count if count else float("nan")), count
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train one adapter; returns its version. `adapters/active` moves only if cfg.activate."""
+# -- 6. output -------------------------------------------------------------------------------
+
+
+def base_reference(name_or_path: str | None, base: BaseModel) -> dict:
+    """How an adapter names its base model: what it is, never where it lies on this machine.
+
+    Decided in resolve_base's order: the packaged model by its name, a local folder by the
+    folder's name, a cached hub model by its hub id.
+    """
+    if not name_or_path or name_or_path == PACKAGED_MODEL_ID:
+        source, name = "packaged", PACKAGED_MODEL_ID
+    elif Path(name_or_path).expanduser().is_dir():
+        source, name = "folder", base.path.resolve().name
+    else:
+        source, name = "hub", name_or_path
+    return {"id": name, "sha256": base.sha256, "source": source}
+
+
+# Settings that say where things are on this machine, or who the run is for (top level).
+NOT_HYPERPARAMETERS = ("data", "out", "persona_id", "persona_name")
+
+
+def new_manifest(
+    cfg: TrainConfig, version: str, base: dict, card: dict, precision: str, samples: tuple[int, int]
+) -> dict:
+    hyper = {k: v for k, v in asdict(cfg).items() if k not in NOT_HYPERPARAMETERS}
+    hyper["base"] = base["id"]
+    hyper["precision"] = precision
+    return {
+        "version": version,
+        "persona": {"id": cfg.persona_id, "name": cfg.persona_name},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": base,
+        "prompt_contract": CONTRACT_VERSION,
+        "dataset": {
+            "fingerprint": card["fingerprint"],
+            "persona": card.get("persona"),
+            "train_samples": samples[0],
+            "val_samples": samples[1],
+        },
+        "hyperparameters": hyper,
+        "libraries": library_versions(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_metrics(
+    trainer: CloneTrainer, output, runtime: float, val: tuple[float | None, int], resumed_from: str | None
+) -> dict:
+    val_nll, val_tokens = val
+    budget = time_budget(trainer)
+    return {
+        "train_loss": round(output.training_loss, 4),
+        "val_loss": None if val_nll is None else round(val_nll, 4),
+        "val_perplexity": None if val_nll is None else round(math.exp(val_nll), 3),
+        "val_tokens": val_tokens,
+        "steps": trainer.state.global_step,
+        "planned_steps": trainer.state.max_steps,
+        "time_limited": bool(budget and budget.limited),
+        "epochs": round(trainer.state.epoch or 0, 3),
+        "train_tokens": trainer.tokens_seen,
+        "tokens_per_second": round(trainer.tokens_seen / runtime, 1),
+        "runtime_s": round(runtime, 1),
+        "resumed_from": resumed_from,
+    }
+
+
+def save_adapter(folder: Path, model, tokenizer, trainer: CloneTrainer, manifest: dict) -> None:
+    """Adapter, tokenizer, log and manifest (last), staged and renamed into place whole."""
+    base_id = manifest["base_model"]["id"]
+    # peft writes where the base model was loaded from into adapter_config.json and README.md:
+    # the base's id instead, as in the manifest.
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = base_id
+    lm = model.get_base_model()
+    lm.name_or_path = lm.config.name_or_path = base_id
+    with staged_dir(folder) as tmp:
+        # The vocabulary never changes here; peft's "auto" would look the id up on the Hub.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        (tmp / adapters.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+def open_run(cfg: TrainConfig, fingerprint: str) -> tuple[str, Path | None, Path]:
+    """The run's version, the checkpoint it resumes from (if any), and its work folder."""
+    work_root = cfg.out / ".work"
+    resumed = latest_run(work_root, fingerprint) if cfg.resume else None
+    version, checkpoint = resumed if resumed else (adapters.new_version(cfg.out), None)
+    if cfg.resume and not resumed:
+        log.warning("Nothing to resume for this dataset: starting a new run")
+    work = work_root / version
+    work.mkdir(parents=True, exist_ok=True)
+    return version, checkpoint, work
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train one adapter; returns its version. `adapters/active` moves only if cfg.activate.
+
+    `callbacks` are added to the Trainer's own (to watch or steer a run). cfg.max_minutes
+    counts from this call.
+    """
     from transformers import set_seed
 
+    started = time.monotonic()
     tune_allocator()
     card = read_card(cfg.data)
     base: BaseModel = resolve_base(cfg.base)
@@ -320,61 +486,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not train_rows:
         raise ValueError(f"{cfg.data}/train.jsonl has no sample with a reply of the person to learn")
 
-    work_root = cfg.out / ".work"
-    resumed = latest_run(work_root, card["fingerprint"]) if cfg.resume else None
-    version, checkpoint = resumed if resumed else (adapters.new_version(cfg.out), None)
-    if cfg.resume and not resumed:
-        log.warning("Nothing to resume for this dataset: starting a new run")
-    work = work_root / version
-    work.mkdir(parents=True, exist_ok=True)
-
+    version, checkpoint, work = open_run(cfg, card["fingerprint"])
     precision = pick_precision(cfg.precision)
-    hyper = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    hyper["precision"] = precision
-    manifest = {
-        "version": version,
-        "base_model": {"id": base.id, "sha256": base.sha256},
-        "prompt_contract": CONTRACT_VERSION,
-        "dataset": {
-            "fingerprint": card["fingerprint"],
-            "path": str(cfg.data),
-            "persona": card.get("persona"),
-            "train_samples": len(train_rows),
-            "val_samples": len(val_rows),
-        },
-        "hyperparameters": hyper,
-        "libraries": library_versions(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-    }
+    manifest = new_manifest(cfg, version, base_reference(cfg.base, base), card, precision,
+                            (len(train_rows), len(val_rows)))
     # The run folder carries what --resume needs to recognise it.
     (work / adapters.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     set_seed(cfg.seed)
     model = with_lora(load_model(base), cfg)
-    trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision)
-    started = time.monotonic()
+    trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision, started=started)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    run_started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    runtime = time.monotonic() - started
+    runtime = time.monotonic() - run_started
 
-    val_nll, val_tokens = mean_nll(model, val_rows, tokenizer.pad_token_id) if val_rows else (None, 0)
-    manifest["metrics"] = {
-        "train_loss": round(output.training_loss, 4),
-        "val_loss": None if val_nll is None else round(val_nll, 4),
-        "val_perplexity": None if val_nll is None else round(math.exp(val_nll), 3),
-        "val_tokens": val_tokens,
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 3),
-        "train_tokens": trainer.tokens_seen,
-        "tokens_per_second": round(trainer.tokens_seen / runtime, 1),
-        "runtime_s": round(runtime, 1),
-        "resumed_from": checkpoint.name if checkpoint else None,
-    }
+    val = mean_nll(model, val_rows, tokenizer.pad_token_id) if val_rows else (None, 0)
+    manifest["metrics"] = run_metrics(trainer, output, runtime, val, checkpoint.name if checkpoint else None)
     folder = cfg.out / version
-    with staged_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
-        (tmp / adapters.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last
+    save_adapter(folder, model, tokenizer, trainer, manifest)
     shutil.rmtree(work, ignore_errors=True)
     if cfg.activate:
         adapters.activate(cfg.out, version)

@@ -15,13 +15,18 @@ Quirks handled (see /work/shared/EXPORT_FORMATS.md):
 - Older exports write `from_id` / `actor_id` as a bare number; it becomes "user<number>".
 - Chat metadata comes before `messages` in real exports. When it does not, the file is scanned
   once more, streaming, for that chat's id/type/name, so the result is the same.
+- Minimal exports made by other tools may leave a chat's `id` out. Such a chat gets a stable
+  id derived from its type and name (or its place in the file) instead of being skipped.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
+import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,6 +174,7 @@ class _Reader:
         self.list_counts = dict.fromkeys(_CHAT_LISTS, 0)
         self.src: _Source | None = None
         self.any_event = False
+        self.derived_ids: Counter[str] = Counter()  # chats without an id, by what names them
 
     # -- stream and errors -------------------------------------------------------------------
 
@@ -290,19 +296,38 @@ class _Reader:
             chat.chat_id = str(chat_id)
         elif isinstance(chat_id, str) and chat_id.strip():
             chat.chat_id = chat_id.strip()
-        elif not chat.prefix:
+        elif not chat.prefix and "name" not in meta and "type" not in meta:
+            # A lone {"messages": [...]} says nothing that is Telegram's: some other JSON.
             raise ExportError(
-                self.path, None, "not a Telegram export: the chat has no usable 'id'"
+                self.path, None, "not a Telegram export: the chat has no 'id', 'name' or 'type'"
             )
         else:
+            chat.chat_id = self._derived_id(chat, meta)
             self.report.notes.append(
-                f"{self.path}: chat {chat.no} has no usable id; its messages were skipped"
+                f"{self.path}: chat {chat.no} has no usable id; it goes by {chat.chat_id} instead"
             )
         if "name" in meta:
             name = meta["name"]
             chat.name = "Deleted Account" if name is None else str(name)
         else:
             chat.name = _NAMELESS_CHATS.get(meta.get("type"))
+
+    def _derived_id(self, chat: _Chat, meta: dict) -> str:
+        """A stable id for a chat the export gives none (minimal exports of other tools).
+
+        From the chat's type and name, so a re-export with more chats keeps it; from its place
+        in the file when it has neither. A second chat with the same type and name gets the
+        next number, so no two chats of one export share an id. Real ids are digits: the
+        "noid-" prefix keeps derived ones apart from them.
+        """
+        if "name" in meta or "type" in meta:
+            basis = json.dumps(["chat", meta.get("type"), meta.get("name")], ensure_ascii=False)
+        else:
+            basis = json.dumps(["place", chat.prefix, chat.list_index])
+        self.derived_ids[basis] += 1
+        seen = self.derived_ids[basis]
+        digest = hashlib.sha256(basis.encode()).hexdigest()[:16]
+        return f"noid-{digest}" if seen == 1 else f"noid-{digest}-{seen}"
 
     def _rescan(self, chat: _Chat) -> dict:
         """Find a chat's id/type/name anywhere in its object: for files where they follow
@@ -341,9 +366,8 @@ class _Reader:
     # -- one message --------------------------------------------------------------------------
 
     def _message(self, m: dict, chat: _Chat) -> Message | None:
-        if chat.chat_id is None:
-            self.report.skip("chat without id")
-            return None
+        chat_id = chat.chat_id
+        assert chat_id is not None  # `_open_messages` settles it before the first message
         mtype = m.get("type", "message")
         if mtype == "unsupported":
             self.report.skip("unsupported")
@@ -370,12 +394,12 @@ class _Reader:
                 author, author_id = _opt_str(m.get("from")), _peer(m.get("from_id"))
                 text = _text(m["text"] if "text" in m else m.get("text_entities", ""))
                 kind = "media" if any(k in m for k in _MEDIA_KEYS) else "text"
-                reply_to = _reply_to(m, chat.chat_id)
+                reply_to = _reply_to(m, chat_id)
         except _Malformed:
             self.report.skip("malformed message")
             return None
         return Message(
-            platform=PLATFORM, chat_id=chat.chat_id, chat_name=chat.name, id=msg_id,
+            platform=PLATFORM, chat_id=chat_id, chat_name=chat.name, id=msg_id,
             author_id=author_id, author=author, timestamp=timestamp, text=text, kind=kind,
             reply_to=reply_to,
         )
@@ -493,4 +517,5 @@ def sniff_telegram(head: bytes) -> bool:
                 break
     except (ijson.JSONError, _NotUtf8):
         pass  # the head is cut mid-file: decide on what was read
-    return "messages" in top_keys and "id" in top_keys and chat_type in _CHAT_TYPES
+    # Telegram's chat types are distinctive enough without an `id` (minimal exports omit it).
+    return "messages" in top_keys and chat_type in _CHAT_TYPES

@@ -1,0 +1,90 @@
+"""The settings of `clone prepare` and `clone train`, in one place that imports nothing heavy.
+
+Plain dataclasses, TRL / HfArgumentParser style: every field carries `metadata["help"]`, the
+one sentence a command line generated from these classes shows under `--help`. Reading them
+costs no torch or transformers import, so `clone --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PrepareConfig:
+    me: Sequence[str] = field(metadata={
+        "help": "Author names or ids that are you in the exports (case-insensitive)."})
+    gap_minutes: float = field(default=120.0, metadata={
+        "help": "Minutes of silence that end a conversation."})
+    near_dup_minutes: float = field(default=60.0, metadata={
+        "help": "The same text again within this many minutes is a near duplicate, dropped."})
+    max_tokens: int = field(default=512, metadata={
+        "help": "Token budget of one training sample, system prompt included."})
+    max_chars: int = field(default=2000, metadata={
+        "help": "Messages longer than this many characters are pastes, not texting: dropped."})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the conversations held out for validation."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the train/validation split."})
+
+
+@dataclass
+class TrainConfig:
+    data: Path = field(metadata={
+        "help": "Dataset folder with train.jsonl, val.jsonl and card.json."})
+    out: Path = field(default=Path("adapters"), metadata={
+        "help": "The adapter registry: each run adds a version folder to it."})
+    base: str | None = field(default=None, metadata={
+        "help": "Base model, a local folder or a cached hub id (default: the packaged SmolLM2)."})
+    persona_id: str | None = field(default=None, metadata={
+        "help": "Id of the persona the adapter belongs to."})
+    persona_name: str | None = field(default=None, metadata={
+        "help": "Display name of the persona the adapter belongs to."})
+    epochs: float = field(default=3.0, metadata={
+        "help": "Passes over the training samples."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps; above 0 it overrides the epochs."})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "Time budget: steps are planned so that schedule, evaluation and saving fit in it."})
+    # LoRA wants far more than full fine-tuning's 2e-5.
+    learning_rate: float = field(default=3e-4, metadata={
+        "help": "Peak learning rate, reached at the end of the warm-up."})
+    # x 640 tokens at most: activations stay under ~5 GB.
+    batch_size: int = field(default=4, metadata={
+        "help": "Samples in one batch."})
+    grad_accum: int = field(default=1, metadata={
+        "help": "Batches whose gradients add up to one optimizer step."})
+    lora_r: int = field(default=16, metadata={
+        "help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={
+        "help": "LoRA scale numerator: updates are scaled by alpha / r."})
+    # Dropout copies every LoRA input: measured 29% slower when on.
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on the LoRA inputs."})
+    target_modules: list[str] | str = field(default="all-linear", metadata={
+        "help": "Modules that get LoRA: 'all-linear' or a list of module names."})
+    # Backward then stops at the lowest adapted layer, and the layers below run forward without
+    # keeping activations (top half: measured 1.4x faster, and less memory).
+    lora_top_layers: float = field(default=0.5, metadata={
+        "help": "Share of the layers, from the top, that get LoRA (1: all of them)."})
+    # The dataset's budget is 512.
+    max_length: int = field(default=640, metadata={
+        "help": "Longest sample in tokens; longer ones are cut."})
+    warmup_ratio: float = field(default=0.05, metadata={
+        "help": "Share of the steps that warm the learning rate up."})
+    eval_steps: int = field(default=50, metadata={
+        "help": "Evaluate on the validation split every this many steps."})
+    save_steps: int = field(default=25, metadata={
+        "help": "Checkpoint every this many steps (what a resumed run restarts from)."})
+    logging_steps: int = field(default=5, metadata={
+        "help": "Log the loss and learning rate every this many steps."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the LoRA initialisation and the batch order."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue the newest unfinished run on the same dataset."})
+    activate: bool = field(default=True, metadata={
+        "help": "Make the new adapter the active one when the run ends."})
+    precision: str = field(default="auto", metadata={
+        "help": "auto, fp32 or bf16 (auto: bf16 where the hardware multiplies it fast)."})
