@@ -3,6 +3,9 @@
 recall the channel's recent conversation -> build the prompt through the prompt contract (the
 one training used) -> generate -> post-process into a burst of messages -> remember the
 exchange, unless the channel was reset meanwhile.
+
+The generation contract lives here too (`Backend`, `Generated`, `Busy`), so the engine never
+imports torch: a bot that generates on a remote server (`LLM_BASE_URL`) never loads it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bot.generation import Busy
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
 from training.persona import Persona
@@ -24,8 +26,22 @@ log = logging.getLogger(__name__)
 BUSY_REPLY = "Sorry, I'm swamped right now. Try again in a minute?"
 
 
+class Busy(Exception):
+    """Too many requests are already waiting: the backend refuses at once."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The model's next turn, and whether it was cut by the token cap before it ended."""
+
+    text: str
+    truncated: bool = False
+
+
 class Backend(Protocol):
-    async def generate(self, messages: list[dict[str, str]]) -> str: ...
+    async def generate(self, messages: list[dict[str, str]]) -> Generated | str: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class Engine:
         self._order = KeyedLocks()
 
     def key(self, platform: str, channel: str) -> ChannelKey:
-        return ChannelKey(self.persona.name, platform, channel)
+        return ChannelKey(self.persona.id, platform, channel)
 
     def in_order(self, platform: str, channel: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold a channel while its message is answered: an adapter enters this first thing (before
@@ -98,8 +114,10 @@ class Engine:
         except Busy:
             log.warning("Busy: a reply in %s/%s was refused", incoming.platform, incoming.channel)
             return [BUSY_REPLY]
+        if isinstance(raw, str):  # a backend that cannot tell whether it was cut: take it as whole
+            raw = Generated(raw)
         speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
-        replies = to_messages(raw, other_speakers=speakers)
+        replies = to_messages(raw.text, other_speakers=speakers, truncated=raw.truncated)
         now = time.time()
         turns = [Turn(incoming.author_id, incoming.author, incoming.text, False, now)]
         if replies:
@@ -116,4 +134,4 @@ class Engine:
         await self.memory.reset(self.key(platform, channel))
 
     async def forget(self, author_id: str) -> int:
-        return await self.memory.forget_user(self.persona.name, author_id)
+        return await self.memory.forget_user(self.persona.id, author_id)

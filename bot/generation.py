@@ -13,15 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from training.encode import encode
+from bot.engine import Busy, Generated
+from training.generate import generate_turns
 
 log = logging.getLogger(__name__)
-
-
-class Busy(Exception):
-    """Too many requests are already waiting."""
 
 
 @dataclass
@@ -40,13 +35,15 @@ class _Request:
     future: asyncio.Future = field(repr=False)
 
 
-def load_clone(adapters_root: Path, version: str | None = None, base: str | None = None):
-    """(model, tokenizer, description): the active adapter, else the base model with a warning."""
+def load_clone(adapters_root: Path, version: str | None = None, base: str | None = None,
+               persona_id: str | None = None):
+    """(model, tokenizer, description): the active adapter, else the base model with a warning.
+    Given `persona_id`, an adapter trained for another persona is refused (AdapterError)."""
     from training import adapters
     from training.base_model import load_model, load_tokenizer, resolve_base
 
     if version or adapters.active_version(adapters_root):
-        model, tokenizer, manifest = adapters.load(adapters_root, version)
+        model, tokenizer, manifest = adapters.load(adapters_root, version, persona_id, base)
         return model, tokenizer, f"adapter {manifest['version']}"
     log.warning("No adapter in %s: answering with the base model, which imitates no one", adapters_root)
     resolved = resolve_base(base)
@@ -61,7 +58,7 @@ class LocalBackend:
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task | None = None
 
-    async def generate(self, messages: list[dict[str, str]]) -> str:
+    async def generate(self, messages: list[dict[str, str]]) -> Generated:
         """The model's next turn after `messages` (raw text: post-processing is the engine's)."""
         if self._queue is None:
             self._queue = asyncio.Queue(self.settings.max_queue)
@@ -95,28 +92,14 @@ class LocalBackend:
         """Serve another model from the next batch on; the batch in flight finishes on the old one."""
         self.model, self.tokenizer = model.eval(), tokenizer
 
-    @torch.no_grad()
-    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        """Left-padded batch generation; message text can never become a template token."""
+    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[Generated]:
+        """One batch through the model; message text can never become a template token."""
         s = self.settings
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
-        prompts = [encode(c, tokenizer, add_generation_prompt=True).input_ids for c in conversations]
-        width = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        device = next(model.parameters()).device
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=s.max_new_tokens,
-            do_sample=s.temperature > 0,
-            temperature=s.temperature if s.temperature > 0 else None,
-            top_p=s.top_p if s.temperature > 0 else None,
-            repetition_penalty=s.repetition_penalty,
-            pad_token_id=pad,
-        )
-        return tokenizer.batch_decode(out[:, width:], skip_special_tokens=False)
+        turns = generate_turns(
+            model, tokenizer, conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty)
+        return [Generated(text, truncated) for text, truncated in turns]
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -130,10 +113,11 @@ class AdapterWatcher:
     An adapter that fails to load is logged once and the current one keeps serving."""
 
     def __init__(self, backend: LocalBackend, adapters_root: Path, base: str | None = None,
-                 interval_s: float = 10.0) -> None:
+                 interval_s: float = 10.0, persona_id: str | None = None) -> None:
         from training import adapters
 
         self.backend, self.root, self.base, self.interval_s = backend, adapters_root, base, interval_s
+        self.persona_id = persona_id
         self.version = adapters.active_version(adapters_root)  # what the backend was loaded with
         self._refused: str | None = None
 
@@ -145,7 +129,8 @@ class AdapterWatcher:
         if active is None or active in (self.version, self._refused):
             return False
         try:
-            model, tokenizer, _ = await asyncio.to_thread(load_clone, self.root, active, self.base)
+            model, tokenizer, _ = await asyncio.to_thread(
+                load_clone, self.root, active, self.base, self.persona_id)
         except Exception as e:  # a broken or foreign adapter must not take the bot down
             self._refused = active
             log.warning("adapter %s could not be loaded (%s: %s); still serving %s",

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from bot.generation import Busy
+from bot.engine import Busy, Generated
 
 log = logging.getLogger(__name__)
 _BUSY_STATUSES = {429, 503}
@@ -45,7 +45,7 @@ class OpenAIBackend:
             self._client = httpx.AsyncClient(headers=headers, timeout=self.timeout_s)
         return self._client
 
-    async def generate(self, messages: list[dict[str, str]]) -> str:
+    async def generate(self, messages: list[dict[str, str]]) -> Generated:
         """The model's next turn after `messages` (raw text: post-processing is the engine's)."""
         url = f"{self.base_url}/chat/completions"
         body = {
@@ -66,11 +66,11 @@ class OpenAIBackend:
             # The body may echo the prompt back: name only the status.
             raise RuntimeError(f"LLM server {url} answered HTTP {response.status_code}")
         try:
-            content = _content(response.json())
+            content, finish = _content(response.json())
         except (ValueError, KeyError, IndexError, TypeError):
             raise RuntimeError(f"LLM server {url} sent a reply that is not a chat completion") from None
-        log.debug("LLM reply from %s: %r", url, content)
-        return content
+        log.debug("LLM reply from %s: %d chars, finish_reason=%s", url, len(content), finish)  # no text
+        return Generated(content, truncated=finish == "length")
 
     async def close(self) -> None:
         if self._client is not None:
@@ -78,13 +78,15 @@ class OpenAIBackend:
             self._client = None
 
 
-def _content(payload: Any) -> str:
-    content = payload["choices"][0]["message"]["content"]
+def _content(payload: Any) -> tuple[str, str | None]:
+    """The reply's text and its finish_reason ("length" when the server's token cap cut it)."""
+    choice = payload["choices"][0]
+    content = choice["message"]["content"]
     if content is None:  # some servers send null for an empty turn
-        return ""
+        content = ""
     if not isinstance(content, str):
         raise TypeError("content is not a string")
-    return content
+    return content, choice.get("finish_reason")
 
 
 def backend_from_env(environ: Mapping[str, str] | None = None, **settings: Any) -> OpenAIBackend | None:

@@ -9,30 +9,22 @@ max_tokens/temperature are accepted and ignored, so all requests can share one b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from bot.generation import Busy, LocalBackend, load_clone
+from bot.engine import Busy
+from bot.generation import LocalBackend
 from training.encode import encode
+from training.prompt import turn_text
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
-_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # <|im_end|>, <|endoftext|>, <|im_start|>...
 _BACKEND = web.AppKey("backend", LocalBackend)
 _MODEL = web.AppKey("model_name", str)
-
-
-def cut_at_marker(text: str) -> str:
-    """The text before the first template marker: the turn ends there."""
-    match = _MARKER.search(text)
-    return text[: match.start()] if match else text
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -79,7 +71,8 @@ async def chat_completions(request: web.Request) -> web.Response:
     except Exception:  # generation failed: LocalBackend logged it (without message text)
         log.warning("A chat completion failed", exc_info=True)
         return _error(500, "generation failed", "server_error")
-    content = cut_at_marker(raw)
+    content = turn_text(raw.text)
+    finish = "length" if raw.truncated else "stop"
     tokenizer = backend.tokenizer
     prompt_tokens = len(encode(messages, tokenizer, add_generation_prompt=True).input_ids)
     completion_tokens = len(tokenizer(content, add_special_tokens=False)["input_ids"])
@@ -89,7 +82,7 @@ async def chat_completions(request: web.Request) -> web.Response:
         "created": int(time.time()),
         "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop"}],
+                     "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     })
@@ -126,12 +119,3 @@ async def serve(backend: LocalBackend, host: str, port: int, model_name: str) ->
     finally:
         await runner.cleanup()
         await backend.close()
-
-
-def run_serve_model(adapters_root: Path, version: str | None, base: str | None, host: str,
-                    port: int, model_name: str = "clone") -> None:
-    """`clone serve-model`: load the clone (active adapter, else base model) and serve it."""
-    model, tokenizer, description = load_clone(adapters_root, version, base)
-    log.info("Loaded %s", description)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
-        asyncio.run(serve(LocalBackend(model, tokenizer), host, port, model_name))

@@ -10,13 +10,14 @@ import httpx
 import pytest
 from aiohttp import web
 
-from bot.engine import Engine, Incoming
-from bot.generation import Busy, GenerationSettings, LocalBackend
+from bot.engine import Busy, Engine, Generated, Incoming
+from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory
 from bot.openai_backend import OpenAIBackend, backend_from_env
-from bot.serve_model import cut_at_marker, make_app
+from bot.serve_model import make_app
 from training.base_model import load_model, resolve_base, token_counter
 from training.persona import Persona
+from training.prompt import turn_text
 
 HELLO = [{"role": "system", "content": "You are Sam."}, {"role": "user", "content": "hello there"}]
 
@@ -66,22 +67,16 @@ def test_a_reply_comes_back_as_text_without_template_markers(tiny_model, tokeniz
             return reply, full
 
     reply, full = asyncio.run(scenario())
-    assert isinstance(reply, str) and "<|" not in reply
-    assert reply == cut_at_marker(raw[0])
+    assert isinstance(reply, Generated) and "<|" not in reply.text
+    assert reply.text == turn_text(raw[0].text)
     assert full["object"] == "chat.completion" and full["model"] == "clone"
     assert full["id"].startswith("chatcmpl-") and abs(full["created"] - time.time()) < 60
     choice = full["choices"][0]
-    assert choice["index"] == 0 and choice["finish_reason"] == "stop"
-    assert choice["message"] == {"role": "assistant", "content": cut_at_marker(raw[1])}
+    assert choice["index"] == 0 and choice["finish_reason"] == ("length" if raw[1].truncated else "stop")
+    assert choice["message"] == {"role": "assistant", "content": turn_text(raw[1].text)}
     usage = full["usage"]
     assert usage["prompt_tokens"] > 5
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-
-
-def test_markers_cut_the_turn():
-    assert cut_at_marker("hi there<|im_end|>\n<|im_start|>user") == "hi there"
-    assert cut_at_marker("ok<|endoftext|>") == "ok"
-    assert cut_at_marker("a | b < c") == "a | b < c"
 
 
 def test_concurrent_requests_all_get_answers_in_batches(tiny_model, tokenizer):
@@ -105,7 +100,7 @@ def test_concurrent_requests_all_get_answers_in_batches(tiny_model, tokenizer):
             return out
 
     replies = asyncio.run(scenario())
-    assert len(replies) == 6 and all(isinstance(r, str) and "<|" not in r for r in replies)
+    assert len(replies) == 6 and all(isinstance(r, Generated) and "<|" not in r.text for r in replies)
     assert sum(sizes) == 6 and max(sizes) > 1
 
 
@@ -125,7 +120,7 @@ def test_concurrent_requests_all_get_answers_in_batches(tiny_model, tokenizer):
 def test_a_bad_body_gets_400_with_a_json_error(tiny_model, tokenizer, body, why):
     backend = local(tiny_model, tokenizer)
     calls: list[int] = []
-    backend.generate_batch = lambda conversations: calls.append(1) or [""] * len(conversations)
+    backend.generate_batch = lambda conversations: calls.append(1) or [Generated("")] * len(conversations)
 
     async def scenario():
         async with server(backend) as url, httpx.AsyncClient() as http:
@@ -202,7 +197,7 @@ def test_a_full_queue_is_429_and_the_client_raises_busy(tiny_model, tokenizer):
             return results, raw
 
     results, raw = asyncio.run(scenario())
-    answers = [r for r in results if isinstance(r, str)]
+    answers = [r for r in results if isinstance(r, Generated)]
     busy = [r for r in results if isinstance(r, Busy)]
     assert len(answers) + len(busy) == 6  # nothing else went wrong
     assert 1 <= len(answers) <= 2 and len(busy) >= 4  # one generating, at most one waiting
@@ -232,7 +227,7 @@ def test_the_engine_works_end_to_end_over_http(tiny_model, tokenizer, tmp_path):
             client = OpenAIBackend(url, "clone")
             engine = Engine(Persona(name="Sam"), client, memory, token_counter(tokenizer))
             replies = await engine.handle(Incoming("terminal", "c1", "u1", "Ana", "hello there"))
-            turns, _ = await memory.recall(ChannelKey("Sam", "terminal", "c1"))
+            turns, _ = await memory.recall(ChannelKey("sam", "terminal", "c1"))
             await client.close()
             return replies, turns
 

@@ -35,3 +35,24 @@ def test_typing_delay_grows_with_length_and_is_bounded():
     assert on.delay("ok") == 0.5
     assert on.delay("x" * 20) == 2.0
     assert on.delay("x" * 500) == 3.0
+
+
+def test_a_reply_cut_by_the_token_cap_is_not_sent_cut_off():
+    # Two lines: the unfinished last one goes.
+    assert to_messages("see you at 8\nand bring the just w", truncated=True) == ["see you at 8"]
+    # One line: it ends at its last sentence, else at its last whole word.
+    assert to_messages("sure thing. i was just w", truncated=True) == ["sure thing."]
+    assert to_messages("i was just w", truncated=True) == ["i was just…"]
+    assert to_messages("supercalifragilistic", truncated=True) == []
+    # A turn that ended before the cap is whole, truncated flag or not.
+    assert to_messages("all good<|im_end|>", truncated=True) == ["all good"]
+    assert to_messages("i was just w") == ["i was just w"]
+
+
+def test_one_end_of_turn_rule_for_the_bots_and_the_model_server():
+    from training.prompt import turn_text
+
+    for raw, expected in [("hi there<|im_end|>\n<|im_start|>user", "hi there"), ("ok<|endoftext|>", "ok"),
+                          ("a | b < c", "a | b < c"), ("yes</s>no", "yes"), ("fine [INST] more", "fine ")]:
+        assert turn_text(raw) == expected
+        assert to_messages(raw) == [m for m in [expected.strip()] if m]

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from training import adapters
 from training.encode import encode, load_jsonl
+from training.generate import generate_turns
+from training.prompt import turn_text
 from training.report import write_report
 from training.style import compare_style
 from training.train import mean_nll
@@ -58,28 +60,14 @@ def reply_prompts(val: list[dict], n: int) -> list[tuple[list[dict], str]]:
     return pairs
 
 
-@torch.no_grad()
 def generate(model, tokenizer, contexts: list[list[dict]], max_new_tokens: int, seed: int = 0) -> list[str]:
-    """Replies to each context, sampled (seeded) as serving would: batched, left-padded."""
-    tokenizer.padding_side = "left"
+    """Replies to each context, sampled (seeded) as serving samples them: the same injection-safe
+    encoding, batched and left-padded, cut where the turn ends."""
     out: list[str] = []
     torch.manual_seed(seed)
     for i in tqdm(range(0, len(contexts), 8), desc="Generating", unit="batch", disable=None, leave=False):
-        texts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-            for c in contexts[i : i + 8]
-        ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=0.8,
-            top_p=0.9,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new = ids[:, batch["input_ids"].shape[1] :]
-        out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        turns = generate_turns(model, tokenizer, contexts[i : i + 8], max_new_tokens=max_new_tokens)
+        out += [turn_text(text).strip() for text, _ in turns]
     return out
 
 
@@ -87,62 +75,70 @@ def context_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages[1:])
 
 
-def evaluate(
-    root: Path,
-    version: str | None = None,
-    data: Path | None = None,
-    samples: int = 16,
-    max_new_tokens: int = 48,
-) -> dict:
-    """Score one adapter (the active one by default) and write its report into `<adapter>/eval/`."""
-    model, tokenizer, manifest = adapters.load(root, version)
-    folder = root / manifest["version"]
-    data = data or Path(manifest["dataset"]["path"])
-    train = load_jsonl(data / "train.jsonl")
-    val = load_jsonl(data / "val.jsonl")
-    if not val:
-        raise ValueError(f"{data}/val.jsonl is empty: nothing held out to evaluate on")
-    lines = example_lines(train)
+def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[dict[str, float], int]:
+    """Per-token perplexity of the real replies under base, prompted base and adapter."""
 
-    def rows(samples_: list[dict], prompted: bool = False) -> list[dict]:
-        out = []
-        for s in samples_:
-            e = encode(with_examples(s["messages"], lines) if prompted else s["messages"], tokenizer)
-            out.append({"input_ids": e.input_ids, "labels": e.labels})
-        return out
+    def rows(prompted: bool = False) -> list[dict]:
+        encoded = (encode(with_examples(s["messages"], lines) if prompted else s["messages"], tokenizer)
+                   for s in val)
+        return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
     pad = tokenizer.pad_token_id
     with model.disable_adapter():
-        base_nll, n_tokens = mean_nll(model, rows(val), pad, desc="Scoring base")
-        prompted_nll, _ = mean_nll(model, rows(val, prompted=True), pad, desc="Scoring prompted")
-    adapter_nll, _ = mean_nll(model, rows(val), pad, desc="Scoring adapter")
+        base_nll, n_tokens = mean_nll(model, rows(), pad, desc="Scoring base")
+        prompted_nll, _ = mean_nll(model, rows(prompted=True), pad, desc="Scoring prompted")
+    adapter_nll, _ = mean_nll(model, rows(), pad, desc="Scoring adapter")
+    nll = {"base": base_nll, "prompted": prompted_nll, "adapter": adapter_nll}
+    return {k: round(math.exp(v), 3) for k, v in nll.items()}, n_tokens
 
+
+def sample_replies(model, tokenizer, val: list[dict], samples: int, max_new_tokens: int) -> dict:
+    """The clone's (and, for a few, the base model's) replies beside the real ones."""
     pairs = reply_prompts(val, samples)
     contexts = [c for c, _ in pairs]
-    real = [r for _, r in pairs]
     generated = generate(model, tokenizer, contexts, max_new_tokens)
     with model.disable_adapter():
         base_replies = generate(model, tokenizer, contexts[:5], max_new_tokens)
-
-    result = {
-        "version": manifest["version"],
-        "perplexity": {
-            "base": round(math.exp(base_nll), 3),
-            "prompted": round(math.exp(prompted_nll), 3),
-            "adapter": round(math.exp(adapter_nll), 3),
-        },
-        "val_replies": sum(m["role"] == "assistant" for s in val for m in s["messages"]),
-        "val_tokens": n_tokens,
-        "data": str(data),
-        "style": compare_style(generated, real),
+    return {
+        "style": compare_style(generated, [r for _, r in pairs]),
         "examples": [
             {"context": context_text(c), "real": r, "generated": g, "base": b}
             for (c, r), g, b in zip(pairs[:5], generated[:5], base_replies, strict=False)
         ],
+    }
+
+
+def evaluate(
+    root: Path,
+    data: Path,
+    version: str | None = None,
+    samples: int = 16,
+    max_new_tokens: int = 48,
+    persona_id: str | None = None,
+    base: str | None = None,
+) -> dict:
+    """Score one adapter (the active one by default) on the validation split in `data` and write
+    its report into `<adapter>/eval/`."""
+    model, tokenizer, manifest = adapters.load(root, version, persona_id, base)
+    folder = root / manifest["version"]
+    train, val = load_jsonl(data / "train.jsonl"), load_jsonl(data / "val.jsonl")
+    if not val:
+        raise ValueError(f"{data}/val.jsonl is empty: nothing held out to evaluate on")
+    lines = example_lines(train)
+    ppl, n_tokens = perplexities(model, tokenizer, val, lines)
+    card = json.loads((data / "card.json").read_text(encoding="utf-8"))
+    result = {
+        "version": manifest["version"],
+        "perplexity": ppl,
+        "val_replies": sum(m["role"] == "assistant" for s in val for m in s["messages"]),
+        "val_tokens": n_tokens,
+        "dataset": card.get("fingerprint"),
+        **sample_replies(model, tokenizer, val, samples, max_new_tokens),
         "model": {
             "base_model": manifest["base_model"]["id"],
             "train_steps": manifest.get("metrics", {}).get("steps"),
             "train_samples": manifest["dataset"]["train_samples"],
+            "trained_on_dataset": manifest["dataset"]["fingerprint"],
             "prompted_examples": len(lines),
         },
     }

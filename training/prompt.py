@@ -7,6 +7,7 @@ exactly the shape it was trained on. Any change to what this module renders must
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ from training.persona import Persona
 
 CONTRACT_VERSION = 1
 QUOTE_CHARS = 80  # a quoted message is cut to this many characters
+# Anything shaped like a chat-template marker ends a generated turn: the model would be starting
+# another one. The one end-of-turn rule, for the bots and for `clone serve-model` alike.
+TURN_END = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?s>|\[/?INST\]", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +65,9 @@ def to_chat_messages(
         else:
             messages.append({"role": role, "content": content})
     return messages
+
+
+def turn_text(generated: str) -> str:
+    """The generated text up to where the turn ends (the first template marker), if it does."""
+    end = TURN_END.search(generated)
+    return generated[: end.start()] if end else generated
