@@ -58,11 +58,11 @@ class FakeTelegram:
         if self._runner:
             await self._runner.cleanup()
 
-    def queue(self, message: dict[str, Any]) -> int:
-        """Queue a `message` update; its update_id."""
+    def queue(self, message: dict[str, Any], kind: str = "message") -> int:
+        """Queue an update carrying `message` (`kind`: "message", "edited_message"); its update_id."""
         update_id = self._next_update_id
         self._next_update_id += 1
-        self._updates.append({"update_id": update_id, "message": message})
+        self._updates.append({"update_id": update_id, kind: message})
         self._arrived.set()
         return update_id
 

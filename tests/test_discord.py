@@ -129,7 +129,7 @@ def test_commands_about_help_reset_forget(tmp_path, count_tokens, monkeypatch):
     fake = run(engine, monkeypatch, scenario)
     about, help_, _, _, forget = replies(fake, DM_CHANNEL)
     assert "AI clone of Sam" in about and "not Sam in person" in about
-    assert "/reset" in help_ and "/forget" in help_
+    assert "/reset" in help_ and "/forget" in help_ and "in a DM" in help_ and "every channel" in help_
     assert forget == "Done: removed 1 of your messages from my memory."
     assert replies(fake, GUILD_CHANNEL) == ["Okay, fresh start: I've forgotten this channel."]
     assert len(backend.prompts) == 1  # commands never reach the model

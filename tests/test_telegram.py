@@ -158,7 +158,7 @@ def test_groups_need_a_mention_or_a_reply_and_bots_are_ignored(tmp_path, count_t
 def test_commands_reset_forget_about_help(tmp_path, count_tokens):
     memory = EmbeddedMemory(tmp_path / "m.json")
     engine = Engine(PERSONA, FixedBackend(), memory, count_tokens)
-    key = ChannelKey("Sam", "telegram", "11")
+    key = ChannelKey(engine.persona.id, "telegram", "11")
 
     async def scenario(fake):
         fake.queue(dm("remember me"))
@@ -177,14 +177,35 @@ def test_commands_reset_forget_about_help(tmp_path, count_tokens):
         await until(lambda: len(fake.sent()) == 8)
         fake.queue(command(f"/about@{BOT['username']}", chat=GROUP))
         await until(lambda: len(fake.sent()) == 9)
+        fake.queue(command("/start"))  # what Telegram sends when someone opens the bot
+        await until(lambda: len(fake.sent()) == 10)
 
-    fake = run(engine, scenario)
+    fake = run(engine, scenario, Gate(quiet(messages_per_minute=0), engine.persona.id))
     texts = [m["text"] for m in fake.sent()]
-    assert "forgotten" in texts[2]
+    assert texts[2] == "Okay, fresh start: I've forgotten this chat."
     assert texts[5] == "Done: removed 1 of your messages from my memory."
     assert "AI clone of Sam" in texts[6] and "not Sam in person" in texts[6]
-    assert "/reset" in texts[7] and "/forget" in texts[7]
+    assert "/reset" in texts[7] and "/forget" in texts[7] and "in a private chat" in texts[7]
     assert fake.sent(chat_id=-500)[0]["text"] == texts[6]
+    assert texts[9] == texts[7]
+
+
+def test_edits_and_commands_for_another_bot_are_not_answered(tmp_path, count_tokens):
+    backend = FixedBackend()
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+
+    async def scenario(fake):
+        fake.queue(dm("a typo"), kind="edited_message")
+        fake.queue(command("/about@some_other_bot", chat=GROUP))
+        fake.queue(command("/help@some_other_bot", chat=GROUP), kind="edited_message")
+        await asyncio.sleep(0.5)
+        fake.queue(dm("a new message"))
+        await until(lambda: len(fake.sent()) == 2)
+        await asyncio.sleep(0.2)
+
+    fake = run(engine, scenario)
+    assert [m["text"] for m in fake.sent()] == ["hello", "there"]
+    assert len(backend.prompts) == 1 and backend.prompts[0][-1]["content"].endswith("a new message")
 
 
 def test_a_rate_limit_on_send_is_survived(tmp_path, count_tokens):
