@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bot.engine import Engine, Incoming  # noqa: E402
+from bot.engine import Engine, Generated, Incoming  # noqa: E402
 from bot.generation import GenerationSettings, LocalBackend  # noqa: E402
 from bot.memory import EmbeddedMemory  # noqa: E402
 from training.base_model import load_model, load_tokenizer, resolve_base, token_counter  # noqa: E402
@@ -44,7 +44,7 @@ MESSAGES = [
 class FixedLengthBackend(LocalBackend):
     """LocalBackend forcing exactly max_new_tokens new tokens, so both sides generate as much."""
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[Generated]:
         real = self.model.generate
 
         def generate(*args, **kwargs):

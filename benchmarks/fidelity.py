@@ -45,21 +45,22 @@ def main() -> None:
     args = ap.parse_args()
 
     from training.base_model import load_tokenizer, token_counter
-    from training.dataset import prepare_persona
     from training.evaluate import evaluate
     from training.persona import Persona
+    from training.prepare import prepare_persona
     from training.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "persona"
         make_sample_module().write_sample(root, args.speaker, args.conversations)
-        prepared = prepare_persona(Persona.load(root), root / "dataset", token_counter(load_tokenizer()))
+        persona = Persona.load(root)
+        prepared = prepare_persona(persona, token_counter(load_tokenizer())).prepared
 
         started = time.monotonic()
-        result = train(TrainConfig(data=root / "dataset", out=Path(tmp) / "adapters", epochs=args.epochs,
+        result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
                                    max_minutes=args.minutes, learning_rate=args.lr, eval_steps=100))
         train_minutes = (time.monotonic() - started) / 60
-        scores = evaluate(Path(tmp) / "adapters", samples=16)
+        scores = evaluate(root / "adapters", root / "dataset", samples=16)
 
     ppl = scores["perplexity"]
     summary = {

@@ -59,7 +59,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 from bot.chunks import TELEGRAM_LIMIT, split_message  # noqa: E402
-from bot.engine import BUSY_REPLY, Engine, Incoming  # noqa: E402
+from bot.engine import BUSY_REPLY, Engine, Generated, Incoming  # noqa: E402
 from bot.gate import Gate, RedisState, Rules  # noqa: E402
 from bot.generation import GenerationSettings, LocalBackend  # noqa: E402
 from bot.memory import ChannelKey, RedisMemory, key_part  # noqa: E402
@@ -103,7 +103,7 @@ class BatchCountingBackend(LocalBackend):
         super().__init__(model, tokenizer, settings)
         self.batches: list[int] = []
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[Generated]:
         self.batches.append(len(conversations))
         return super().generate_batch(conversations)
 
@@ -256,7 +256,7 @@ async def run_setup(name: str, concurrent: bool, model, tokenizer, args: argpars
                                   max_batch=args.max_batch, max_queue=args.max_queue)
     backend = BatchCountingBackend(model, tokenizer, settings)
     memory = RedisMemory(REDIS_URL, count_tokens=token_counter(tokenizer))
-    gate = Gate(Rules(messages_per_minute=0), persona.name, RedisState(REDIS_URL))
+    gate = Gate(Rules(messages_per_minute=0), persona.id, RedisState(REDIS_URL))
     engine = Engine(persona, backend, memory, token_counter(tokenizer))
     fake = TimedFake()
 
@@ -282,11 +282,11 @@ async def run_setup(name: str, concurrent: bool, model, tokenizer, args: argpars
                                             arrivals, handled, args)
         locks_left = len(engine._order) + len(memory._locks)
         lengths, budgets, memory_out, redis_bytes = await inspect_memory(
-            memory, persona.name, {m[0] for m in messages})
+            memory, persona.id, {m[0] for m in messages})
     finally:
         await memory.close()
         await gate.close()
-        deleted = await cleanup(persona.name)
+        deleted = await cleanup(persona.id)
     rss_after = rss_mib()
 
     # Replies as the fake saw them: the first piece of each quotes the message it answers.

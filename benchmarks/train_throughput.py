@@ -36,14 +36,19 @@ sys.path.insert(0, str(REPO))
 
 
 def prepare_sample(folder: Path) -> Path:
-    """The sample persona's dataset, built the way `clone prepare` builds it."""
+    """The sample persona's dataset, built the way `clone prepare` builds it, in a copy of the
+    sample persona under `folder` (the checkout's sample folder stays untouched)."""
     from training.base_model import load_tokenizer, token_counter
-    from training.dataset import prepare_persona
     from training.persona import Persona
+    from training.prepare import prepare_persona
 
-    persona = Persona.load(REPO / "persona_data" / "sample")
-    prepare_persona(persona, folder / "dataset", token_counter(load_tokenizer()))
-    return folder / "dataset"
+    sample = REPO / "persona_data" / "sample"
+    copy = folder / "sample"
+    copy.mkdir(parents=True)
+    (copy / "persona.toml").write_bytes((sample / "persona.toml").read_bytes())
+    (copy / "exports").symlink_to(sample / "exports")
+    prepare_persona(Persona.load(copy), token_counter(load_tokenizer()))
+    return copy / "dataset"
 
 
 def child(mode: str, data: Path, steps: int, work: Path) -> dict:

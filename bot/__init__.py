@@ -1,1 +1,2 @@
-"""The clone at work: the chat engine, its memory, and the platform adapters."""
+"""The clone at work: the engine (no platform, no torch), its memory and gate, one platform-free
+conversation flow under thin Telegram and Discord adapters, and the generation backends."""

@@ -24,7 +24,6 @@ The owner is always answered and never rate limited; a block list beats an allow
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -211,8 +210,10 @@ class RedisState:
     call. While Redis is unreachable the gate lets messages through: answering a message twice
     during an outage beats answering it never."""
 
-    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
-        self.client = connect_redis(url, timeout_s)
+    def __init__(self, redis: str | Any, timeout_s: float = 0.5) -> None:
+        """`redis`: a URL (this state opens and closes its own client) or the process's shared client."""
+        self._owns_client = isinstance(redis, str)
+        self.client = connect_redis(redis, timeout_s) if isinstance(redis, str) else redis
         self._take = self.client.register_script(_TAKE_LUA)
         self._down = False
 
@@ -242,7 +243,8 @@ class RedisState:
         return int(await self._call(_TAKEN, self._take(keys=[key], args=args)))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._owns_client:
+            await self.client.aclose()
 
 
 @dataclass
@@ -291,9 +293,9 @@ class Gate:
         await self.state.close()
 
 
-def gate_from_env(persona: Persona, rules: Rules | None = None) -> Gate:
-    """The persona's gate, with its state in Redis when REDIS_URL is set. Raises GateSettingsError
-    for a bad [serve] table."""
+def open_gate(persona: Persona, rules: Rules | None = None, redis: Any | None = None) -> Gate:
+    """The persona's gate, its state in Redis when given the process's client (shared by every
+    process serving this persona), else in this process. Raises GateSettingsError for a bad
+    [serve] table."""
     rules = rules or Rules.from_persona(persona)
-    url = os.environ.get("REDIS_URL")
-    return Gate(rules, persona.name, RedisState(url) if url else LocalState())
+    return Gate(rules, persona.id, RedisState(redis) if redis is not None else LocalState())

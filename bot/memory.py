@@ -1,4 +1,5 @@
-"""Per-channel conversation memory for the chat engine: Redis when REDIS_URL is set, else a JSON file.
+"""Per-channel conversation memory for the chat engine: Redis when REDIS_URL is set, else a JSON file
+in the persona's folder.
 
 Both keep, per (persona, platform, channel), the latest turns within `max_turns` and `token_budget`
 (oldest dropped first), expire a channel `ttl_days` after its last append, and carry an "epoch" that
@@ -220,7 +221,7 @@ class RedisMemory:
 
     def __init__(
         self,
-        url: str,
+        redis: str | Any,
         *,
         max_turns: int = DEFAULT_MAX_TURNS,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -228,12 +229,15 @@ class RedisMemory:
         count_tokens: Callable[[str], int] = default_count_tokens,
         timeout_s: float = 0.5,
     ) -> None:
+        """`redis`: a URL (this memory opens and closes its own client) or the process's shared
+        client from `connect_redis` (its owner closes it)."""
         _check_bounds(max_turns, token_budget, ttl_days)
         self.max_turns = max_turns
         self.token_budget = token_budget
         self.ttl_ms = int(ttl_days * _DAY * 1000)
         self.count_tokens = count_tokens
-        self.client = connect_redis(url, timeout_s)
+        self._owns_client = isinstance(redis, str)
+        self.client = connect_redis(redis, timeout_s) if isinstance(redis, str) else redis
         self._append_script = self.client.register_script(_APPEND_LUA)
         self._forget_script = self.client.register_script(_FORGET_LUA)
         self._locks = KeyedLocks()
@@ -325,7 +329,8 @@ class RedisMemory:
         return int(removed)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._owns_client:
+            await self.client.aclose()
 
 
 class EmbeddedMemory:
@@ -442,20 +447,12 @@ class EmbeddedMemory:
         return None
 
 
-def default_memory_file() -> Path:
-    return Path(
-        os.environ.get("CLONE_MEMORY_FILE") or Path.home() / ".cache" / "digital-clone" / "memory.json"
-    )
-
-
-def memory_from_env(persona: str, **bounds: Any) -> Memory:
-    """RedisMemory when REDIS_URL is set, else EmbeddedMemory at $CLONE_MEMORY_FILE or
-    ~/.cache/digital-clone/memory.json. `bounds` (max_turns, token_budget, ttl_days, count_tokens)
-    go to the constructor; `persona` only names the clone in the log line."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        log.info("conversation memory for %s: Redis", persona)
-        return RedisMemory(url, **bounds)
-    path = default_memory_file()
-    log.info("conversation memory for %s: %s", persona, path)
+def open_memory(redis: Any | None, path: Path | None, **bounds: Any) -> Memory:
+    """RedisMemory over `redis` (the process's client) when there is one, else EmbeddedMemory at
+    `path` (the persona's memory.json). `bounds` (max_turns, token_budget, ttl_days,
+    count_tokens) go to the constructor."""
+    if redis is not None:
+        log.info("conversation memory: Redis")
+        return RedisMemory(redis, **bounds)
+    log.info("conversation memory: %s", path)
     return EmbeddedMemory(path, **bounds)

@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import re
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from bot.gate import Gate
@@ -27,7 +24,9 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class PlatformSettings:
+    """What the platforms need, as plain values (the command line reads and validates them)."""
+
     telegram_token: str | None
     telegram_base_url: str | None
     discord_token: str | None
@@ -39,42 +38,16 @@ class Settings:
     port: int = 8080
     telegram_webhook_secret: str | None = None
 
-    @classmethod
-    def from_env(cls, platform: str | None = None) -> Settings:
-        def get(name: str) -> str | None:
-            value = os.environ.get(name, "").strip()
-            return value or None
-
-        port = get("PORT") or "8080"
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise SettingsError(f"PORT must be a port number (1-65535), not {port!r}")
-        settings = cls(
-            get("TELEGRAM_TOKEN"), get("TELEGRAM_BASE_URL"), get("DISCORD_TOKEN"),
-            get("DISCORD_API_BASE"), get("DISCORD_GATEWAY_URL"), get("TELEGRAM_WEBHOOK_URL"),
-            int(port), get("TELEGRAM_WEBHOOK_SECRET"),
-        )
-        if platform == "telegram" and not settings.telegram_token:
+    def check(self, platform: str | None = None) -> None:
+        """Refuse a run with nothing (or not the asked platform) to serve."""
+        if platform == "telegram" and not self.telegram_token:
             raise SettingsError("--platform telegram needs TELEGRAM_TOKEN")
-        if platform == "discord" and not settings.discord_token:
+        if platform == "discord" and not self.discord_token:
             raise SettingsError("--platform discord needs DISCORD_TOKEN")
-        if not settings.telegram_token and not settings.discord_token:
+        if not self.telegram_token and not self.discord_token:
             raise SettingsError(
                 "no platform to serve: set TELEGRAM_TOKEN and/or DISCORD_TOKEN (environment or .env)"
             )
-        url = settings.telegram_webhook_url
-        if url is not None:
-            parsed = urlsplit(url)
-            # Telegram itself only calls https; a self-hosted Bot API server (--local) may call http.
-            schemes = ("https", "http") if settings.telegram_base_url else ("https",)
-            if parsed.scheme not in schemes or not parsed.netloc:
-                raise SettingsError(
-                    f"TELEGRAM_WEBHOOK_URL must be a public {' or '.join(schemes)} URL, like "
-                    "https://my-clone.fly.dev/telegram"
-                )
-        secret = settings.telegram_webhook_secret
-        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
-            raise SettingsError("TELEGRAM_WEBHOOK_SECRET may hold only A-Z, a-z, 0-9, _ and - (1-256)")
-        return settings
 
     def webhook_secret(self) -> str:
         """The configured secret, else one derived from the token: the same in every process
@@ -85,22 +58,8 @@ class Settings:
         return hashlib.sha256(b"clone-webhook:" + self.telegram_token.encode()).hexdigest()[:48]
 
 
-def load_dotenv(path: Path = Path(".env")) -> None:
-    """KEY=VALUE lines from a .env file into the environment; real environment variables win."""
-    if not path.is_file():
-        return
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"{path}, line {lineno}: expected KEY=VALUE")
-        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
-
-
 async def serve(
-    engine, settings: Settings, platform: str | None = None, gate: Gate | None = None,
+    engine, settings: PlatformSettings, platform: str | None = None, gate: Gate | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT (or `stop` is set), then finish in-flight replies and shut down."""
@@ -142,7 +101,7 @@ async def serve(
             raise SettingsError(f"Discord: {type(error).__name__}: check DISCORD_TOKEN") from None
 
 
-async def start_telegram(engine, settings: Settings, gate: Gate | None):
+async def start_telegram(engine, settings: PlatformSettings, gate: Gate | None):
     """The running Telegram Application: long polling, or a webhook when TELEGRAM_WEBHOOK_URL is set."""
     from telegram.error import InvalidToken
 
@@ -172,7 +131,7 @@ async def start_telegram(engine, settings: Settings, gate: Gate | None):
     return app
 
 
-def start_discord(engine, settings: Settings, gate: Gate | None = None):
+def start_discord(engine, settings: PlatformSettings, gate: Gate | None = None):
     """The Discord client, pointed at DISCORD_API_BASE / DISCORD_GATEWAY_URL when those are set."""
     import discord
     import yarl

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
+from cli.main import main
 from training.importers import detect_format, find_sources, import_messages
 from training.message import FIELDS, ExportError, ImportReport
 
@@ -122,15 +122,21 @@ def test_a_malformed_file_stops_the_import_and_writes_nothing(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp files left behind
 
 
+def new_persona(tmp_path, capsys, *exports, me=(), name="Alice") -> Path:
+    """A persona folder made the way a user makes one: `clone init` with their exports."""
+    folder = tmp_path / name.lower()
+    argv = ["init", folder, "--name", name, *(x for m in me for x in ("--me", m))]
+    code, out, _ = run([*argv, "--exports", *exports] if exports else argv, capsys)
+    assert code == 0 and f"Created persona {name}" in out
+    return folder
+
+
 def test_prepare_mixed_sources_end_to_end(tmp_path, capsys):
-    out_dir = tmp_path / "ds"
-    code, out, _ = run(
-        ["prepare", FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt",
-         FIXTURES / "tables/faq.csv", "--me", "Alice", "--me", "me", "--out", out_dir,
-         "--val-fraction", "0"],
-        capsys,
-    )
+    persona = new_persona(tmp_path, capsys, FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt",
+                          FIXTURES / "tables/faq.csv", me=["Alice", "me"])
+    code, out, _ = run(["prepare", "--persona", persona, "--val-fraction", "0"], capsys)
     assert code == 0, out
+    out_dir = persona / "dataset"
     card = json.loads((out_dir / "card.json").read_text())
     train = [json.loads(x) for x in (out_dir / "train.jsonl").read_text().splitlines()]
     assert card["samples"]["train"] == len(train) > 0
@@ -139,30 +145,28 @@ def test_prepare_mixed_sources_end_to_end(tmp_path, capsys):
         assert s["messages"][0]["role"] == "system"
         assert s["messages"][-1]["role"] == "assistant"
     assert "Dataset for Alice" in out
+    assert f"Persona Alice [alice] in {persona}" in out  # which persona and dataset, in one line
 
 
 def test_prepare_without_me_names_the_authors(tmp_path, capsys):
-    code, out, err = run(
-        ["prepare", FIXTURES / "whatsapp/day_first_24h.txt", "--out", tmp_path / "ds"], capsys
-    )
-    assert code == 2 and "--me" in err
+    persona = new_persona(tmp_path, capsys, FIXTURES / "whatsapp/day_first_24h.txt")
+    code, out, err = run(["prepare", "--persona", persona], capsys)
+    assert code == 2 and "--me" in err and "`me` in persona.toml" in err
     assert "Authors by message count" in out
-    assert not (tmp_path / "ds").exists()
+    assert not (persona / "dataset").exists()
 
 
 def test_prepare_uses_the_exports_owner(tmp_path, capsys):
-    code, out, _ = run(
-        ["prepare", FIXTURES / "telegram/full_export.json", "--out", tmp_path / "ds"], capsys
-    )
+    persona = new_persona(tmp_path, capsys, FIXTURES / "telegram/full_export.json")
+    code, out, _ = run(["prepare", "--persona", persona], capsys)
     assert code == 0, out
-    assert "Using the export's owner" in out
+    assert "Taking the export's owner as" in out
 
 
 def test_start_prepares_and_trains_the_sample_persona(tmp_path, capsys, tiny_base):
     persona = tmp_path / "sample"
     shutil.copytree(Path(__file__).parent.parent / "persona_data" / "sample", persona)
-    argv = ["start", "--persona", persona, "--adapters", tmp_path / "adapters",
-            "--base", tiny_base, "--max-steps", "2", "--no-chat"]
+    argv = ["start", "--persona", persona, "--base", tiny_base, "--max-steps", "2", "--no-chat"]
     code, out, _ = run(argv, capsys)
     assert code == 0, out
     card = json.loads((persona / "dataset" / "card.json").read_text())
@@ -170,8 +174,8 @@ def test_start_prepares_and_trains_the_sample_persona(tmp_path, capsys, tiny_bas
     assert card["samples"]["train"] > 100 and card["samples"]["val"] > 5
     assert card["conversations"]["train"] + card["conversations"]["val"] >= 90
     assert "No adapter yet: training one" in out
-    [adapter] = (tmp_path / "adapters").glob("2*")
-    assert (tmp_path / "adapters" / "active").resolve() == adapter.resolve()
+    [adapter] = (persona / "adapters").glob("2*")
+    assert (persona / "adapters" / "active").resolve() == adapter.resolve()
     # A second start finds the adapter and does not train again.
     code, out, _ = run(argv, capsys)
     assert code == 0 and f"Active adapter: {adapter.name}" in out

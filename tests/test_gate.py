@@ -16,7 +16,7 @@ from bot.gate import (
     Rules,
     Sender,
     Verdict,
-    gate_from_env,
+    open_gate,
 )
 from tests.platform_helpers import drop_redis_keys, free_port
 from training.persona import Persona, PersonaError
@@ -108,7 +108,7 @@ def test_serve_settings_come_from_persona_toml(tmp_path):
     assert rules.owner == {"discord:5"} and rules.messages_per_minute == 0
     (tmp_path / "persona.toml").write_text('name = "Sam"\n[serve]\nowner = ["discord:x"]\n')
     with pytest.raises(GateSettingsError, match=r"persona.toml \[serve\]: `owner\[0\]`"):
-        gate_from_env(Persona.load(tmp_path))
+        open_gate(Persona.load(tmp_path))
     (tmp_path / "persona.toml").write_text('name = "Sam"\nserve = 3\n')
     with pytest.raises(PersonaError, match="`serve` must be a table"):
         Persona.load(tmp_path)

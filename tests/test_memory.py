@@ -22,7 +22,7 @@ from bot.memory import (
     Memory,
     RedisMemory,
     Turn,
-    memory_from_env,
+    open_memory,
 )
 from tests.platform_helpers import free_port
 
@@ -343,24 +343,21 @@ def test_embedded_in_memory_only_and_corrupt_file(tmp_path, caplog):
     asyncio.run(go())
 
 
-def test_memory_from_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("REDIS_URL", REDIS_URL)
-    mem = memory_from_env("p", max_turns=5)
-    assert isinstance(mem, RedisMemory)
-    assert mem.max_turns == 5
-    asyncio.run(mem.close())
+def test_open_memory_picks_redis_over_the_shared_client_else_the_file(tmp_path):
+    from bot.memory import connect_redis
 
-    monkeypatch.delenv("REDIS_URL")
-    monkeypatch.setenv("CLONE_MEMORY_FILE", str(tmp_path / "m.json"))
-    mem = memory_from_env("p")
-    assert isinstance(mem, EmbeddedMemory)
-    assert mem.path == tmp_path / "m.json"
+    client = connect_redis(REDIS_URL)
+    mem = open_memory(client, tmp_path / "m.json", max_turns=5)
+    assert isinstance(mem, RedisMemory) and mem.client is client and mem.max_turns == 5
 
-    monkeypatch.delenv("CLONE_MEMORY_FILE")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    mem = memory_from_env("p")
-    assert isinstance(mem, EmbeddedMemory)
-    assert mem.path == tmp_path / ".cache" / "digital-clone" / "memory.json"
+    async def close_twice():
+        await mem.close()  # the shared client belongs to its opener: still usable after
+        assert await client.ping()
+        await client.aclose()
+
+    asyncio.run(close_twice())
+    mem = open_memory(None, tmp_path / "m.json")
+    assert isinstance(mem, EmbeddedMemory) and mem.path == tmp_path / "m.json"
 
 
 def test_rediss_url_is_accepted():
@@ -467,3 +464,36 @@ def test_stalled_server_costs_one_short_timeout(caplog):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_renaming_the_persona_keeps_its_memory(tmp_path):
+    """Keys are built from the persona's stable id (persona.toml's `id`, else its folder), never
+    from the display name: a new name finds the same conversation in Redis."""
+    from bot.engine import Engine, Incoming
+    from tests.platform_helpers import FixedBackend, drop_redis_keys
+    from training.persona import Persona
+
+    folder = tmp_path / f"p-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    (folder / "persona.toml").write_text('name = "Sam Rivera"\n')
+
+    async def exchange(persona: Persona, text: str) -> list[Turn]:
+        memory = RedisMemory(REDIS_URL)
+        engine = Engine(persona, FixedBackend("ok"), memory, len)
+        await engine.handle(Incoming("telegram", "9", "u1", "Ana", text))
+        turns, _ = await memory.recall(engine.key("telegram", "9"))
+        await memory.close()
+        return turns
+
+    first = Persona.load(folder)
+    try:
+        asyncio.run(exchange(first, "my dog is called Rex"))
+        (folder / "persona.toml").write_text('name = "Samantha R."\n')
+        renamed = Persona.load(folder)
+        assert renamed.id == first.id == folder.name and renamed.name != first.name
+        turns = asyncio.run(exchange(renamed, "remember my dog?"))
+        assert [t.text for t in turns if not t.from_persona] == ["my dog is called Rex", "remember my dog?"]
+        keys = redis.Redis.from_url(REDIS_URL).keys(f"clone:{folder.name}:*")
+        assert keys and not any(b"Sam" in k for k in keys)
+    finally:
+        drop_redis_keys(folder.name)

@@ -434,16 +434,12 @@ def test_blocklisted_names_among_random_words(words):
     assert counts["blocked"] == expected.count("[REDACTED]")
 
 
-# -- speed -----------------------------------------------------------------------------------
+# -- many messages (their speed is measured in benchmarks/import_throughput.py) -------------
 
 
-def test_many_short_messages_are_fast():
-    import time
-
+def test_many_short_messages_keep_times_and_lose_phones():
     msgs = [f"hey {i} see you at 10:{i % 60:02d} ok? call 020 7946 {i % 10000:04d}"
             for i in range(20_000)]
-    start = time.perf_counter()
     outs = [PLAIN.redact(m)[0] for m in msgs]
-    elapsed = time.perf_counter() - start
     assert outs[7] == "hey 7 see you at 10:07 ok? call [PHONE]"
-    assert elapsed < 3.0  # ~100k messages in a few seconds; generous for slow CI machines
+    assert all(o.endswith("call [PHONE]") and f"10:{i % 60:02d}" in o for i, o in enumerate(outs))

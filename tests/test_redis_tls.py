@@ -14,8 +14,8 @@ import time
 import pytest
 import redis
 
-from bot.gate import Sender, Verdict, gate_from_env
-from bot.memory import ChannelKey, RedisMemory, Turn, memory_from_env
+from bot.gate import Sender, Verdict, open_gate
+from bot.memory import ChannelKey, RedisMemory, Turn, connect_redis, open_memory
 from tests.platform_helpers import free_port
 from training.persona import Persona
 
@@ -53,16 +53,16 @@ def tls_redis(tmp_path_factory):
     server.wait(10)
 
 
-def test_memory_and_gate_over_rediss(tls_redis, monkeypatch):
-    monkeypatch.setenv("REDIS_URL", tls_redis)
+def test_memory_and_gate_over_rediss(tls_redis):
     persona = Persona(name="Sam")
 
     async def scenario():
-        memory = memory_from_env(persona.name)
-        gate = gate_from_env(persona)
+        client = connect_redis(tls_redis)  # one pool for the process, as `clone serve` opens it
+        memory = open_memory(client, None)
+        gate = open_gate(persona, redis=client)
         try:
-            assert isinstance(memory, RedisMemory)
-            key = ChannelKey("Sam", "telegram", "1")
+            assert isinstance(memory, RedisMemory) and gate.state.client is client
+            key = ChannelKey(persona.id, "telegram", "1")
             assert await memory.append(key, [Turn("u1", "Ana", "hi over tls", False, 1.0)])
             turns, _ = await memory.recall(key)
             message = Sender("telegram", "u1", "1", "42")
@@ -70,6 +70,7 @@ def test_memory_and_gate_over_rediss(tls_redis, monkeypatch):
         finally:
             await memory.close()
             await gate.close()
+            await client.aclose()
 
     texts, first, second = asyncio.run(scenario())
     assert texts == ["hi over tls"]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
 from bot.gate import Gate
-from bot.serve import Settings, SettingsError, serve
+from bot.serve import PlatformSettings, SettingsError, serve
+from cli.main import main
+from cli.settings import load_settings
 
 from .fake_telegram import FakeTelegram
 from .platform_helpers import free_port, quiet, until
@@ -42,9 +43,12 @@ async def serve_until_remembered(tiny_base, tmp_path, platform_env: dict, ready,
         if name not in platform_env:
             env.pop(name, None)
     memory = tmp_path / "memory.json"
+    persona = tmp_path / "sample"  # the sample's settings, without any adapter of the checkout's
+    persona.mkdir(exist_ok=True)
+    (persona / "persona.toml").write_bytes((REPO / "persona_data/sample/persona.toml").read_bytes())
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "serve", "--base", str(tiny_base),
-        "--adapters", str(tmp_path / "none"), cwd=REPO, env=env,
+        sys.executable, "-m", "cli", "serve", "--base", str(tiny_base), "--persona", str(persona),
+        cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -133,20 +137,20 @@ def settings_env(monkeypatch, **values: str) -> None:
 def test_bad_serving_settings_are_named(monkeypatch, values, error):
     settings_env(monkeypatch, TELEGRAM_TOKEN="1:x", **values)
     with pytest.raises(SettingsError, match=error):
-        Settings.from_env()
+        load_settings()
 
 
 def test_webhook_settings_and_the_derived_secret(monkeypatch):
     settings_env(monkeypatch, TELEGRAM_TOKEN="1:secret-token", PORT="9000",
                  TELEGRAM_WEBHOOK_URL="https://clone.example.com/telegram")
-    settings = Settings.from_env()
+    settings = load_settings().platforms()
     assert settings.port == 9000 and settings.telegram_webhook_url.endswith("/telegram")
     secret = settings.webhook_secret()
-    assert secret == Settings.from_env().webhook_secret()  # the same in every process
+    assert secret == load_settings().platforms().webhook_secret()  # the same in every process
     assert "secret-token" not in secret and len(secret) >= 32
     settings_env(monkeypatch, TELEGRAM_TOKEN="1:x", TELEGRAM_BASE_URL="http://127.0.0.1:1/bot",
                  TELEGRAM_WEBHOOK_URL="http://127.0.0.1:2/hook", TELEGRAM_WEBHOOK_SECRET="mine_1")
-    assert Settings.from_env().webhook_secret() == "mine_1"  # http: for a self-hosted Bot API
+    assert load_settings().platforms().webhook_secret() == "mine_1"  # http: for a self-hosted Bot API
 
 
 def test_a_bad_serve_table_fails_before_the_model_loads(monkeypatch, tmp_path, capsys):
@@ -168,7 +172,7 @@ def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
     async def scenario():
         fake = FakeTelegram()
         await fake.start()
-        settings = Settings(fake.token, fake.base_url, None,
+        settings = PlatformSettings(fake.token, fake.base_url, None,
                             telegram_webhook_url=f"http://127.0.0.1:{port}/tg-hook", port=port)
         stop = asyncio.Event()
         task = asyncio.create_task(serve(engine, settings, gate=Gate(quiet(), "Sam"), stop=stop))
@@ -193,7 +197,7 @@ def test_telegram_webhook_mode_answers_only_telegram(tmp_path, count_tokens):
 
     hook, forged, real, fake = asyncio.run(scenario())
     assert hook["url"] == f"http://127.0.0.1:{port}/tg-hook"
-    assert hook["secret_token"] == Settings(fake.token, None, None).webhook_secret()
+    assert hook["secret_token"] == PlatformSettings(fake.token, None, None).webhook_secret()
     assert forged == 403 and real == 200
     assert [m["text"] for m in fake.sent()] == ["hello", "there"]  # the forged update was not answered
     assert not any(c.method == "getUpdates" for c in fake.calls)
@@ -227,8 +231,8 @@ def test_user_account_tokens_are_refused_on_both_platforms(tmp_path, count_token
         await discord_fake.start()
         try:
             with pytest.raises(SettingsError, match="TELEGRAM_TOKEN belongs to a user account"):
-                await serve(engine, Settings(telegram.token, telegram.base_url, None))
-            discord_settings = Settings(
+                await serve(engine, PlatformSettings(telegram.token, telegram.base_url, None))
+            discord_settings = PlatformSettings(
                 None, None, "FAKE.TOKEN.secret",
                 discord_api_base=f"http://127.0.0.1:{discord_fake.port}/api/v10",
                 discord_gateway_url=f"ws://127.0.0.1:{discord_fake.port}/gateway")
@@ -247,3 +251,31 @@ def test_user_account_tokens_are_refused_on_both_platforms(tmp_path, count_token
     telegram, discord_fake = asyncio.run(scenario())
     assert telegram.sent() == [] and not any(c.method == "getUpdates" for c in telegram.calls)
     assert discord_fake.connected == 0 and discord_fake.sent() == []
+
+
+def test_settings_come_from_both_env_files_and_the_environment_wins(monkeypatch, tmp_path):
+    settings_env(monkeypatch)
+    monkeypatch.delenv("LLM_MODEL", raising=False)
+    here, persona = tmp_path / ".env", tmp_path / "persona.env"
+    here.write_text("TELEGRAM_TOKEN=1:from-here  # my test bot\nLLM_MODEL=here\nPORT=9001\n")
+    persona.write_text("export LLM_MODEL='persona one'\nDISCORD_TOKEN=\n")
+    settings = load_settings(here, persona, tmp_path / "missing.env")
+    assert settings.secret("telegram_token") == "1:from-here"  # the inline comment is not the value
+    assert settings.llm_model == "persona one"  # the persona's file wins over the current folder's
+    assert settings.discord_token is None and settings.port == 9001
+    assert "from-here" not in repr(settings) and "from-here" not in str(settings)  # secrets stay hidden
+    monkeypatch.setenv("LLM_MODEL", "from-env")
+    assert load_settings(here, persona).llm_model == "from-env"
+
+
+def test_the_env_example_is_a_valid_env_file_of_known_settings(monkeypatch, tmp_path):
+    from cli.settings import Settings, check_env_file
+
+    example = REPO / ".env.example"
+    check_env_file(example)
+    named = {line.lstrip("# ").split("=", 1)[0] for line in example.read_text().splitlines()
+             if "=" in line and line.lstrip("# ")[:1].isupper()}
+    names = {n.strip() for part in named for n in part.split("/")}
+    assert names and names <= {f.upper() for f in Settings.model_fields}, names - {
+        f.upper() for f in Settings.model_fields}
+    assert {f.upper() for f in Settings.model_fields} <= names  # every setting is documented there

@@ -78,7 +78,7 @@ def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, 
     # The adapter loads back and scores the validation split exactly as recorded.
     from training.train import mean_nll
 
-    model, tok, _ = adapters.load(out)
+    model, tok, _ = adapters.load(out, base=str(tiny_base))
     rows = [{"input_ids": e.input_ids, "labels": e.labels}
             for e in (encode(s["messages"], tok) for s in load_jsonl(tiny_dataset / "val.jsonl"))]
     loss, _ = mean_nll(model, rows, tok.pad_token_id)
@@ -98,7 +98,8 @@ def test_the_real_packaged_model_trains_two_steps(tiny_dataset, tmp_path):
     result = train(TrainConfig(data=tiny_dataset, out=tmp_path / "adapters", max_steps=2, batch_size=2,
                                eval_steps=100, save_steps=100))
     m = result.manifest
-    assert m["base_model"] == {"id": "SmolLM2-135M-Instruct", "sha256": file_sha256(packaged_gguf())}
+    assert m["base_model"] == {"id": "SmolLM2-135M-Instruct", "sha256": file_sha256(packaged_gguf()),
+                               "source": "packaged"}
     assert m["metrics"]["steps"] == 2
     assert 0 < m["metrics"]["val_loss"] < 20
 
@@ -190,12 +191,24 @@ def test_retrain_refuses_a_worse_adapter_unless_forced(tiny_base, tiny_dataset, 
     assert forced.activated and adapters.active_version(out) == forced.new.version
 
 
-def test_eval_scores_three_models_and_writes_a_report(tiny_base, tiny_dataset, tmp_path, capsys):
-    from bot.cli import main
+def persona_folder(tmp_path, tiny_dataset) -> Path:
+    """A persona folder holding the tiny dataset, for the commands that find everything there."""
+    import shutil
 
-    out = tmp_path / "adapters"
-    train(tiny_config(tiny_base, tiny_dataset, out))
-    assert main(["eval", "--adapters", str(out), "--json", "--samples", "4"]) == 0
+    folder = tmp_path / "sam"
+    folder.mkdir()
+    (folder / "persona.toml").write_text('name = "Sam"\nme = ["u1"]\n')
+    shutil.copytree(tiny_dataset, folder / "dataset")
+    return folder
+
+
+def test_eval_scores_three_models_and_writes_a_report(tiny_base, tiny_dataset, tmp_path, capsys):
+    from cli.main import main
+
+    persona = persona_folder(tmp_path, tiny_dataset)
+    train(tiny_config(tiny_base, persona / "dataset", persona / "adapters", persona_id="sam"))
+    argv = ["eval", "--persona", str(persona), "--base", str(tiny_base), "--json", "--samples", "4"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     ppl = result["perplexity"]
     assert set(ppl) == {"base", "prompted", "adapter"}
@@ -204,28 +217,31 @@ def test_eval_scores_three_models_and_writes_a_report(tiny_base, tiny_dataset, t
     report = Path(result["report"])
     assert report.is_file() and (report.parent / "loss.png").is_file()
     assert "| adapter |" in report.read_text()
+    assert str(tmp_path) not in (report.parent / "eval.json").read_text()  # no paths in what is shared
 
 
 def test_adapters_list_and_rollback(tiny_base, tiny_dataset, tmp_path, capsys):
-    from bot.cli import main
+    from cli.main import main
 
-    out = tmp_path / "adapters"
-    first = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
-    second = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
+    persona = persona_folder(tmp_path, tiny_dataset)
+    out = persona / "adapters"
+    first = train(tiny_config(tiny_base, persona / "dataset", out, max_steps=2, eval_steps=100))
+    second = train(tiny_config(tiny_base, persona / "dataset", out, max_steps=2, eval_steps=100))
     capsys.readouterr()
-    assert main(["adapters", "--adapters", str(out)]) == 0
+    assert main(["adapters", "--persona", str(persona)]) == 0
     listing = capsys.readouterr().out
     assert f"* {second.version}" in listing and f"  {first.version}" in listing
-    assert main(["adapters", "use", first.version, "--adapters", str(out)]) == 0
+    assert "†" not in listing  # both were scored on the current dataset
+    assert main(["adapters", "use", first.version, "--persona", str(persona)]) == 0
     assert adapters.active_version(out) == first.version
-    assert main(["adapters", "use", "no-such-version", "--adapters", str(out)]) == 2
+    assert main(["adapters", "use", "no-such-version", "--persona", str(persona)]) == 2
     assert adapters.active_version(out) == first.version
 
 
 def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, capsys):
     import shutil
 
-    from bot.cli import main
+    from cli.main import main
 
     from .conftest import FIXTURES
 
@@ -239,10 +255,10 @@ def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, 
         for day in range(1, 11)
         for k, (who, text) in enumerate([("Dana", f"plans for day {day}?"), ("Alice", "beach!!\nyou in?")])
     ))
-    common = ["--persona", str(persona), "--adapters", str(tmp_path / "adapters"),
-              "--base", str(tiny_base), "--max-steps", "2"]
+    common = ["--persona", str(persona), "--base", str(tiny_base), "--max-steps", "2"]
     assert main(["start", *common, "--no-chat"]) == 0
-    first = adapters.active_version(tmp_path / "adapters")
+    registry = persona / "adapters"
+    first = adapters.active_version(registry)
     capsys.readouterr()
 
     assert main(["retrain", str(fresh), *common]) == 0
@@ -250,10 +266,10 @@ def test_retrain_command_merges_new_exports_and_keeps_them(tiny_base, tmp_path, 
     card = json.loads((persona / "dataset" / "card.json").read_text())
     assert sorted(s["file"] for s in card["sources"]) == ["WhatsApp Chat with Bob Smith.txt",
                                                           "WhatsApp Chat with Dana.txt"]
-    assert [p.name for p in (persona / "exports").glob("added-*/*")] == [fresh.name]
-    versions = [v["version"] for v in adapters.versions(tmp_path / "adapters")]
+    assert [p.name for p in (persona / "exports").glob("added-*/*/*")] == [fresh.name]
+    versions = [v["version"] for v in adapters.versions(registry)]
     assert len(versions) == 2 and first in versions
-    active = adapters.active_version(tmp_path / "adapters")
+    active = adapters.active_version(registry)
     assert "Validation loss: new" in out
     if active == first:
         assert "Kept" in out
@@ -272,9 +288,9 @@ def test_a_serving_backend_follows_the_active_adapter(tiny_base, tiny_dataset, t
     caplog.set_level(logging.INFO)
     out = tmp_path / "adapters"
     first = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
-    model, tokenizer, _ = load_clone(out)
+    model, tokenizer, _ = load_clone(out, base=str(tiny_base))
     backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=4))
-    watcher = AdapterWatcher(backend, out, interval_s=0.05)
+    watcher = AdapterWatcher(backend, out, base=str(tiny_base), interval_s=0.05)
     hello = [{"role": "user", "content": "hello"}]
 
     async def scenario():
@@ -283,7 +299,7 @@ def test_a_serving_backend_follows_the_active_adapter(tiny_base, tiny_dataset, t
             second = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
             assert await watcher.check() and watcher.version == second.version
             assert backend.model is not model
-            assert isinstance(await backend.generate(hello), str)  # answers on the new one
+            assert isinstance((await backend.generate(hello)).text, str)  # answers on the new one
 
             broken = train(tiny_config(tiny_base, tiny_dataset, out, max_steps=2, eval_steps=100))
             manifest = json.loads((broken.path / "manifest.json").read_text())

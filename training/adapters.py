@@ -1,8 +1,11 @@
-"""The adapter registry: `adapters/<version>/` folders, each with a manifest, and an `active` pointer.
+"""The adapter registry of a persona: `<persona>/adapters/<version>/` folders, each with a
+manifest, and an `active` pointer.
 
 A folder is an adapter only once its `manifest.json` exists: the manifest is written last,
 inside a staging folder that is renamed into place whole. `active` is a symlink that is replaced
-in one rename, so a reader sees the old adapter or the new one, never a mix.
+in one rename, so a reader sees the old adapter or the new one, never a mix. The manifest names
+the persona it was trained for, and an adapter is refused for any other; it holds no absolute
+path, so an adapter folder can be moved to a server as it is.
 """
 
 from __future__ import annotations
@@ -71,17 +74,30 @@ def new_version(root: Path) -> str:
     return name
 
 
-def resolve(root: Path, version: str | None = None) -> tuple[Path, dict]:
-    """The folder and manifest of `version`, or of the active adapter; checks the prompt contract."""
+def resolve(root: Path, version: str | None = None, persona_id: str | None = None) -> tuple[Path, dict]:
+    """The folder and manifest of `version`, or of the active adapter. Checks the prompt contract
+    and, given `persona_id`, that the adapter was trained for that persona."""
     version = version or active_version(root)
     if version is None:
         raise AdapterError(f"no active adapter in {root}: run `clone train` first")
     folder = root / version
     manifest = read_manifest(folder)
     if manifest is None:
-        raise AdapterError(f"{folder} is not an adapter (no {MANIFEST})")
+        known = ", ".join(v["version"] for v in versions(root)) or "none yet"
+        raise AdapterError(f"no adapter {version!r} in {root} (known: {known})")
     check_contract(manifest, folder)
+    if persona_id is not None:
+        check_persona(manifest, folder, persona_id)
     return folder, manifest
+
+
+def check_persona(manifest: dict, folder: Path, persona_id: str) -> None:
+    owner = (manifest.get("persona") or {}).get("id")
+    if owner is not None and owner != persona_id:
+        raise AdapterError(
+            f"{folder} was trained for persona {owner!r}, not {persona_id!r}: an adapter speaks as "
+            f"the person it learnt from. Train one for {persona_id!r} with `clone train`"
+        )
 
 
 def check_contract(manifest: dict, folder: Path) -> None:
@@ -93,19 +109,32 @@ def check_contract(manifest: dict, folder: Path) -> None:
         )
 
 
-def load(root: Path, version: str | None = None, dtype=None, attention: str = "sdpa"):
+def locate_base(manifest: dict, folder: Path, base: str | None = None):
+    """The base model an adapter was trained on, found here and checked by hash. A local model
+    folder is recorded by name only (no paths in a manifest): pass it as `base`."""
+    from training.base_model import resolve_base
+
+    recorded = manifest["base_model"]
+    if base is None and recorded.get("source") == "folder":
+        raise AdapterError(
+            f"{folder} was trained on the local model folder {recorded['id']!r}: pass its path as --base"
+        )
+    found = resolve_base(base or recorded["id"])
+    if found.sha256 != recorded["sha256"]:
+        raise AdapterError(f"{folder} was trained on other weights than the base model {found.id} found here")
+    return found
+
+
+def load(root: Path, version: str | None = None, persona_id: str | None = None, base: str | None = None,
+         dtype=None, attention: str = "sdpa"):
     """Base model with the adapter attached, its tokenizer, and its manifest."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from training.base_model import load_model, resolve_base
+    from training.base_model import load_model
 
-    folder, manifest = resolve(root, version)
-    base = resolve_base(manifest["base_model"]["id"])
-    if base.sha256 != manifest["base_model"]["sha256"]:
-        raise AdapterError(
-            f"{folder} was trained on other weights than the base model {base.id} found here"
-        )
-    model = PeftModel.from_pretrained(load_model(base, dtype, attention), str(folder))
+    folder, manifest = resolve(root, version, persona_id)
+    found = locate_base(manifest, folder, base)
+    model = PeftModel.from_pretrained(load_model(found, dtype, attention), str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, manifest

@@ -37,9 +37,19 @@ class BaseModel:
     sha256: str  # of the weights this came from, for the adapter manifest
 
 
+_cache_override: Path | None = None
+
+
+def set_cache_dir(folder: Path | None) -> None:
+    """Where converted models live from now on (the command line's CLONE_CACHE setting)."""
+    global _cache_override
+    _cache_override = folder
+
+
 def cache_dir() -> Path:
-    """Where converted models live: $CLONE_CACHE, else ~/.cache/digital-clone."""
-    root = os.environ.get("CLONE_CACHE") or Path.home() / ".cache" / "digital-clone"
+    """Where converted models live: set_cache_dir's folder, else $CLONE_CACHE, else
+    ~/.cache/digital-clone."""
+    root = _cache_override or os.environ.get("CLONE_CACHE") or Path.home() / ".cache" / "digital-clone"
     return Path(root)
 
 

@@ -1,17 +1,39 @@
-"""A persona's settings: who the clone is, which authors in the exports are that person, what to hide.
+"""A persona: who the clone is, which authors in the exports are that person, what to hide, and
+the one folder that holds everything derived from them.
 
-They live in `persona_data/<persona>/persona.toml`, beside the person's exports.
+    persona_data/<persona>/
+        persona.toml     name, me, description, blocklist, [serve]; optional `id`
+        .env             settings for this persona's bot (private, never committed)
+        exports/         the raw chat exports
+        dataset/         train.jsonl, val.jsonl, card.json (derived)
+        adapters/        <version>/ folders and the `active` pointer (derived)
+        memory.json      the embedded conversation memory, when there is no Redis
+
+The persona's `id` (persona.toml's `id`, else the folder's name) is what adapters record and
+what memory keys are built from, so renaming the display name loses nothing.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# The checkout's persona folders, and the sample persona that git tracks.
+PERSONAS = Path(__file__).resolve().parent.parent / "persona_data"
+SAMPLE = PERSONAS / "sample"
+
 
 class PersonaError(ValueError):
     pass
+
+
+def slug(text: str) -> str:
+    """A stable id made from a name: lowercase ASCII letters, digits and dashes."""
+    value = re.sub(r"[^a-z0-9]+", "-", text.casefold()).strip("-")[:64]
+    return value or "persona"
 
 
 @dataclass(frozen=True)
@@ -23,22 +45,46 @@ class Persona:
     root: Path | None = None          # the persona's folder, when loaded from one
     # The [serve] table as written: who the bot answers and how often. bot.gate validates it.
     serve: dict = field(default_factory=dict, compare=False, hash=False)
+    id: str = ""                      # stable id; derived from the folder (or the name) when empty
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", slug(self.root.name if self.root else self.name))
+
+    def _part(self, name: str) -> Path | None:
+        return self.root / name if self.root else None
 
     @property
     def exports(self) -> Path | None:
-        return self.root / "exports" if self.root else None
+        return self._part("exports")
 
     @property
     def dataset(self) -> Path | None:
-        return self.root / "dataset" if self.root else None
+        return self._part("dataset")
+
+    @property
+    def adapters(self) -> Path | None:
+        return self._part("adapters")
+
+    @property
+    def memory_file(self) -> Path | None:
+        return self._part("memory.json")
+
+    @property
+    def env_file(self) -> Path | None:
+        return self._part(".env")
 
     @classmethod
     def load(cls, folder: Path) -> Persona:
         path = folder / "persona.toml"
+        if folder.exists() and not folder.is_dir():
+            raise PersonaError(f"{folder}: not a persona folder (a folder holding persona.toml)")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PersonaError(f"{path}: no persona settings (persona.toml) here") from None
+        except IsADirectoryError:
+            raise PersonaError(f"{path}: is a folder, not a settings file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise PersonaError(f"{path}: {e}") from None
         name = data.get("name")
@@ -57,4 +103,46 @@ class Persona:
         serve = data.get("serve", {})
         if not isinstance(serve, dict):
             raise PersonaError(f"{path}: `serve` must be a table ([serve])")
-        return cls(name.strip(), description.strip(), strings("me"), strings("blocklist"), folder, serve)
+        pid = data.get("id", slug(folder.resolve().name))
+        if not isinstance(pid, str) or not ID_PATTERN.match(pid):
+            raise PersonaError(f"{path}: `id` must be lowercase letters, digits, - and _ (at most 64)")
+        return cls(name.strip(), description.strip(), strings("me"), strings("blocklist"), folder, serve,
+                   pid)
+
+
+def persona_folders(root: Path) -> list[Path]:
+    """The persona folders (those holding a persona.toml) directly under `root`, by name."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "persona.toml").is_file())
+
+
+def is_sample(folder: Path) -> bool:
+    return folder.resolve() == SAMPLE.resolve()
+
+
+def choose_persona(given: str | None, root: Path | None = None) -> tuple[Path, str | None]:
+    """The persona folder a command works on, and a notice when it fell back to the sample.
+
+    `given` (--persona, else CLONE_PERSONA) is a folder, or the name of one under `root`
+    (default: the checkout's persona_data/). Without it: the only persona there besides the
+    sample; with several, the user must choose; with none, the sample.
+    """
+    root = root or PERSONAS
+    if given:
+        path = Path(given).expanduser()
+        if path.is_dir() or path.exists() or len(path.parts) > 1:
+            return path, None
+        for candidate in (root / given, PERSONAS / given):
+            if candidate.is_dir():
+                return candidate, None
+        names = ", ".join(p.name for p in persona_folders(root)) or "none yet"
+        raise PersonaError(f"no persona {given!r}: not a folder here, nor one in {root} ({names})")
+    own = [p for p in persona_folders(root) if not is_sample(p)]
+    if len(own) == 1:
+        return own[0], None
+    if len(own) > 1:
+        names = ", ".join(p.name for p in own)
+        raise PersonaError(f"several personas in {root} ({names}): pass --persona NAME or set CLONE_PERSONA")
+    return SAMPLE, ("using the sample persona; for your own, `clone init NAME` and pass --persona NAME "
+                    "(or set CLONE_PERSONA)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from training import adapters
 from training.encode import encode, load_jsonl
@@ -28,13 +27,15 @@ class RetrainOutcome:
     activated: bool
 
 
-def active_val_loss(root: Path, data: Path) -> tuple[str | None, float | None]:
-    """The active adapter's loss on `data`'s validation split (None when there is no active one)."""
+def active_val_loss(cfg: TrainConfig) -> tuple[str | None, float | None]:
+    """The active adapter's loss on the validation split of `cfg.data` (None when there is no
+    active one, or it cannot be loaded here)."""
+    root, data = cfg.out, cfg.data
     version = adapters.active_version(root)
     if version is None:
         return None, None
     try:
-        model, tokenizer, _ = adapters.load(root, version)
+        model, tokenizer, _ = adapters.load(root, version, cfg.persona_id, cfg.base)
     except adapters.AdapterError as e:
         log.warning("The active adapter cannot be compared (%s): the new one replaces it", e)
         return version, None
@@ -50,7 +51,7 @@ def retrain(cfg: TrainConfig, force: bool = False) -> RetrainOutcome:
     """Train on `cfg.data` and activate the result only if it beats (or ties) the active adapter."""
     result = train(replace(cfg, activate=False))
     new_loss = result.manifest["metrics"]["val_loss"]
-    old_version, old_loss = active_val_loss(cfg.out, cfg.data)
+    old_version, old_loss = active_val_loss(cfg)
     better = old_loss is None or (new_loss is not None and new_loss <= old_loss)
     if better or force:
         adapters.activate(cfg.out, result.version)

@@ -1,0 +1,110 @@
+"""The parts of one clone process, built once from plain values: one Redis connection pool, the
+conversation memory, the gate, the generation backend and the engine over them.
+
+`clone chat` and `clone serve` (and later the owner's console) share this wiring. With a remote
+generation server (`LLM_BASE_URL`) nothing here imports torch: prompt budgets are counted with
+the `tokenizers` library straight from a tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.engine import Backend, Engine
+from bot.gate import Gate, Rules, open_gate
+from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
+from training.persona import Persona
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """An OpenAI-compatible generation server (vLLM, llama.cpp, `clone serve-model`)."""
+
+    base_url: str
+    model: str = "clone"
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which clone answers: an adapter version of the persona (default: the active one), with the
+    base model given when it is a local folder; or a remote server."""
+
+    version: str | None = None
+    base: str | None = None
+    remote: Remote | None = None
+
+
+@dataclass
+class Runtime:
+    engine: Engine
+    backend: Backend
+    memory: Memory
+    gate: Gate
+    redis: Any | None
+    what: str  # what answers, for the user: "adapter 20261127-101500", "server http://..."
+
+    async def close(self) -> None:
+        await self.backend.close()
+        await self.memory.close()
+        await self.gate.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def tokenizer_counter(folder: Path) -> Callable[[str], int] | None:
+    """len() in tokens from a folder's tokenizer.json, without transformers (and so without torch)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def remote_backend(persona: Persona, remote: Remote, version: str | None) -> tuple[Backend, Callable, str]:
+    """The remote backend, and a token counter from the adapter's (or the cached base model's)
+    tokenizer; a rough estimate when neither is on this machine."""
+    from bot.openai_backend import OpenAIBackend
+    from training import adapters
+    from training.base_model import PACKAGED_MODEL_ID, cache_dir
+
+    assert persona.adapters is not None
+    active = version or adapters.active_version(persona.adapters)
+    folders = ([persona.adapters / active] if active else []) + [cache_dir() / PACKAGED_MODEL_ID]
+    count = next((c for f in folders if (c := tokenizer_counter(f)) is not None), default_count_tokens)
+    backend = OpenAIBackend(remote.base_url, remote.model, remote.api_key)
+    return backend, count, f"server {remote.base_url}"
+
+
+def local_backend(persona: Persona, choice: ModelChoice) -> tuple[Backend, Callable, str]:
+    """The persona's adapter (or the base model, with a warning) in this process."""
+    from bot.generation import LocalBackend, load_clone
+    from training.base_model import token_counter
+
+    assert persona.adapters is not None
+    model, tokenizer, what = load_clone(persona.adapters, choice.version, choice.base, persona.id)
+    return LocalBackend(model, tokenizer), token_counter(tokenizer), what
+
+
+def build_runtime(
+    persona: Persona, choice: ModelChoice, *, redis_url: str | None = None,
+    memory_file: Path | None = None, rules: Rules | None = None,
+) -> Runtime:
+    """Everything a chat or a bot needs, over one Redis pool when `redis_url` is given."""
+    if choice.remote is not None:
+        backend, count, what = remote_backend(persona, choice.remote, choice.version)
+    else:
+        backend, count, what = local_backend(persona, choice)
+    redis = connect_redis(redis_url) if redis_url else None
+    memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
+    gate = open_gate(persona, rules or Rules.from_persona(persona), redis)
+    engine = Engine(persona, backend, memory, count)
+    return Runtime(engine, backend, memory, gate, redis, what)

@@ -1,0 +1,66 @@
+"""The `clone` command: one entry point for every job, from importing chats to serving the bot.
+
+Heavy imports (transformers, torch) happen inside the commands, so `clone --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import sys
+
+from bot.serve import SettingsError
+from cli import data, model, start, talk
+from cli.common import CliError
+from cli.options import HelpFormatter
+from training.message import ExportError
+from training.persona import PersonaError
+
+# Errors a user can fix: one line on stderr, exit status 2 (--verbose shows the traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CliError, ExportError, PersonaError, SettingsError, FileNotFoundError, ValueError)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("digital-clone")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clone", description="Clone a person from their chat exports, and serve the clone.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clone {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (data, model, talk, start):
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.base_model import BaseModelError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (*USER_ERRORS, BaseModelError) as e:
+        if args.verbose:
+            raise
+        print(f"clone {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was overwritten", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""One prepare for every command: a persona's exports to its private dataset folder.
+
+import (streamed, counted per chat and author) -> who the person is (--me, else persona.toml's
+`me`, else the export's owner) -> build the samples (training.dataset) -> refuse an empty result
+-> write the dataset folder atomically. `clone prepare`, `start` and `retrain`, and the
+benchmarks, all come through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import dataset
+from training.config import PrepareConfig
+from training.message import ImportReport, Message
+from training.persona import Persona
+
+
+class PrepareError(ValueError):
+    """Nothing usable to prepare; the message says what to change. Nothing was written."""
+
+
+@dataclass
+class ImportTally:
+    """Chats and authors seen while messages stream past, for the summary a user reads."""
+
+    chats: set[tuple[str, str]] = field(default_factory=set)
+    authors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    count: int = 0
+
+    def watch(self, messages: Iterable[Message]) -> Iterator[Message]:
+        from tqdm import tqdm
+
+        for m in tqdm(messages, desc="Importing", unit=" msg", disable=None, leave=False):
+            self.count += 1
+            self.chats.add((m.platform, m.chat_id))
+            self.authors[(m.author_id or "?", m.author or "?")] += 1
+            yield m
+
+
+@dataclass
+class Outcome:
+    prepared: dataset.Prepared
+    report: ImportReport
+    tally: ImportTally
+    me: list[str]
+    me_from_owner: bool  # nobody said who the person is: the export's owner was taken
+    out: Path
+
+
+def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport) -> tuple[list[str], bool]:
+    """The person's author names or ids, and whether they were guessed from the export's owner."""
+    if me:
+        return list(me), False
+    if persona.me:
+        return list(persona.me), False
+    if report.owners:
+        return list(report.owners), True
+    raise PrepareError(
+        "who are you in these chats? set `me` in persona.toml or pass --me NAME_OR_ID "
+        "(`clone import PATH` lists the authors)")
+
+
+def check_me_present(messages: list[Message], me: list[str]) -> None:
+    matcher = dataset.PersonMatcher(me)
+    if not any(matcher(m) for m in messages):
+        raise PrepareError(f"no message in these exports is from {', '.join(me)}: check `me` / --me")
+
+
+def prepare(
+    paths: Sequence[Path], persona: Persona, cfg: PrepareConfig, count_tokens: Callable[[str], int],
+    *, fmt: str | None = None, blocklist: Sequence[str] = (), tally: ImportTally | None = None,
+    report: ImportReport | None = None,
+) -> Outcome:
+    """Import `paths`, build the samples and write them to the persona's dataset folder. An
+    empty result raises PrepareError and the dataset already there stays as it was."""
+    from training.importers import import_messages
+
+    assert persona.dataset is not None, "a persona loaded from its folder"
+    report, tally = report or ImportReport(), tally or ImportTally()
+    messages = list(tally.watch(import_messages(list(paths), report, fmt)))
+    me, guessed = who_is_me(cfg.me, persona, report)
+    check_me_present(messages, me)
+    persona = dataclasses.replace(persona, me=tuple(me), blocklist=(*persona.blocklist, *blocklist))
+    prepared = dataset.build(messages, persona, dataclasses.replace(cfg, me=me), count_tokens, report)
+    if not prepared.train:
+        raise PrepareError(
+            f"these exports give no training sample of {persona.name} answering someone "
+            f"({prepared.card.messages.get('persona', 0)} of their messages kept): "
+            f"nothing written, {persona.dataset} is unchanged")
+    dataset.write(prepared, persona.dataset)
+    return Outcome(prepared, report, tally, me, guessed, persona.dataset)
+
+
+def prepare_persona(persona: Persona, count_tokens: Callable[[str], int]) -> Outcome:
+    """Everything in the persona's exports/ into its dataset, with its own settings (benchmarks)."""
+    assert persona.exports is not None
+    return prepare([persona.exports], persona, PrepareConfig(me=list(persona.me)), count_tokens)
