@@ -99,24 +99,22 @@ def cmd_import(args: argparse.Namespace) -> None:
 # -- clone prepare ----------------------------------------------------------------------------
 
 
-def run_prepare(session: Session, args: argparse.Namespace, extra: list[Path] | None = None) -> Outcome:
-    """The persona's exports (and `extra` paths) to its dataset, with the summary printed."""
+def run_prepare(session: Session, args: argparse.Namespace) -> Outcome:
+    """The persona's exports/ to its dataset/, with the summary printed."""
     from training import prepare
     from training.base_model import load_tokenizer, token_counter
     from training.privacy import load_blocklist
 
     persona = session.persona
     assert persona.exports is not None
-    paths = [persona.exports] if persona.exports.is_dir() and any(persona.exports.iterdir()) else []
-    paths += extra or []
-    if not paths:
+    if not persona.exports.is_dir() or not any(persona.exports.iterdir()):
         raise CliError(f"no exports in {shown(persona.exports)}: put your chat exports there "
                        "(`clone import --help` lists the formats)")
     cfg = PrepareConfig(**(config_values(args, PrepareConfig) | {"me": args.me or []}))
     blocklist = load_blocklist(args.blocklist) if args.blocklist else []
     report, tally = ImportReport(), ImportTally()
     try:
-        outcome = prepare.prepare(paths, persona, cfg, token_counter(load_tokenizer(args.base)),
+        outcome = prepare.prepare([persona.exports], persona, cfg, token_counter(load_tokenizer(args.base)),
                                   fmt=args.format, blocklist=blocklist, tally=tally, report=report)
     except prepare.PrepareError:
         print_summary(tally, report)  # the author list tells who `me` should be

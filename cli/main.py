@@ -9,6 +9,7 @@ import argparse
 import importlib.metadata
 import logging
 import sys
+import warnings
 
 from bot.serve import SettingsError
 from cli import data, model, start, talk
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.base_model import BaseModelError
 
     args = build_parser().parse_args(argv)
+    # Raised inside transformers' own Trainer on every run: nothing a user can act on.
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

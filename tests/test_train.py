@@ -70,6 +70,10 @@ def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, 
     history = json.loads((result.path / "log_history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
+    # The validation split is scored once at the end (by mean_nll, not also by the Trainer).
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    assert [step for step, _ in evals] == [10, 20, 30]
+    assert evals[-1][1] == manifest["metrics"]["val_loss"]
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
             "chat_template.jinja"} <= {p.name for p in result.path.iterdir()} | {"chat_template.jinja"}
     assert adapters.active_version(out) == result.version
