@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from cli.options import HelpFormatter, add_config_options, add_persona_option, c
 from cli.settings import load_settings
 from training.config import PrepareConfig
 from training.message import ImportReport
-from training.persona import ID_PATTERN, PERSONAS, slug
+from training.persona import PERSONAS, create_persona
 from training.prepare import ImportTally, Outcome
 
 PREPARE_FIELDS = ["gap_minutes", "max_tokens", "val_fraction", "seed"]
@@ -47,32 +45,12 @@ def cmd_init(args: argparse.Namespace) -> None:
     settings = load_settings(Path(".env"))
     given = Path(args.folder)
     folder = given if len(given.parts) > 1 else (settings.clone_personas or PERSONAS) / args.folder
-    if folder.exists():
-        raise CliError(f"{folder} already exists: pick another name, or edit its persona.toml")
-    if not ID_PATTERN.match(slug(folder.name)):
-        raise CliError(f"{folder.name!r} cannot name a persona: use letters, digits and -")
-    name = args.name or folder.name
-    lines = [f"name = {json.dumps(name, ensure_ascii=False)}",
-             f"description = {json.dumps(args.description or '', ensure_ascii=False)}",
-             f"me = {json.dumps(args.me or [], ensure_ascii=False)}  # your name or id in the exports",
-             "blocklist = []  # extra words and names to redact", ""]
-    (folder / "exports").mkdir(parents=True)
-    (folder / "persona.toml").write_text("\n".join(lines), encoding="utf-8")
-    for i, path in enumerate(args.exports or [], start=1):
-        copy_export(path, folder / "exports" / f"{i:02d}")
-    print(f"Created persona {name} in {shown(folder)} ({len(args.exports or [])} export(s) copied)")
+    persona = create_persona(folder, args.name or folder.name, args.me or [], args.description or "",
+                             args.exports)
+    print(f"Created persona {persona.name} [{persona.id}] in {shown(folder)} "
+          f"({len(args.exports or [])} export(s) copied)")
     hint = "" if args.me else "; set `me` in persona.toml (`clone import` lists who is who)"
     print(f"Next: `clone prepare --persona {folder.name}`{hint}")
-
-
-def copy_export(path: Path, dest_dir: Path) -> Path:
-    """Copy one export file or folder into `dest_dir`, keeping its name."""
-    if not path.exists():
-        raise CliError(f"{path}: no such file or folder")
-    dest = dest_dir / path.name
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
-    return dest
 
 
 # -- clone import -----------------------------------------------------------------------------

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cli.common import CliError, Session, open_session, refuse_sample, shown, using
-from cli.data import add_prepare_options, copy_export, run_prepare
+from cli.data import add_prepare_options, run_prepare
 from cli.options import HelpFormatter, add_config_options, add_persona_option, config_values
 from training import adapters
 from training.config import TrainConfig
+from training.persona import add_exports
 
 TRAIN_FIELDS = ["epochs", "max_steps", "max_minutes", "learning_rate", "batch_size", "lora_r", "seed",
                 "precision"]
@@ -139,27 +139,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # -- clone retrain ------------------------------------------------------------------------------
 
 
-def add_exports(session: Session, paths: list[Path]) -> Path | None:
-    """Copy new exports into the persona's exports/added-<time>/<n>/, one folder per path, so two
-    exports of the same name (Telegram always writes result.json) both stay."""
-    exports = session.persona.exports
-    assert exports is not None
-    new = [p for p in paths if exports.resolve() not in p.resolve().parents]
-    if not new:
-        return None
-    added = exports / datetime.now(UTC).strftime("added-%Y%m%d-%H%M%S")
-    for i, path in enumerate(new, start=1):
-        copy_export(path, added / f"{i:02d}")
-    return added
-
-
 def cmd_retrain(args: argparse.Namespace) -> None:
     from training.retrain import retrain
 
     session = open_session(args)
     if args.paths:
         refuse_sample(session.persona, "`clone retrain PATH`")
-    added = add_exports(session, args.paths)
+    added = add_exports(session.persona, args.paths)
     active = adapters.active_version(session.persona.adapters)
     using(session.persona, dataset=True, adapter=f"active adapter {active or '-'}")
     try:

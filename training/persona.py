@@ -15,9 +15,12 @@ what memory keys are built from, so renaming the display name loses nothing.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -146,3 +149,53 @@ def choose_persona(given: str | None, root: Path | None = None) -> tuple[Path, s
         raise PersonaError(f"several personas in {root} ({names}): pass --persona NAME or set CLONE_PERSONA")
     return SAMPLE, ("using the sample persona; for your own, `clone init NAME` and pass --persona NAME "
                     "(or set CLONE_PERSONA)")
+
+
+def copy_export(path: Path, dest_dir: Path) -> Path:
+    """Copy one export file or folder into `dest_dir`, keeping its name."""
+    if not path.exists():
+        raise PersonaError(f"{path}: no such file or folder")
+    dest = dest_dir / path.name
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
+    return dest
+
+
+def add_exports(persona: Persona, paths: list[Path]) -> Path | None:
+    """Copy new exports into the persona's exports/added-<time>/<n>/, one folder per path, so
+    two exports of the same name (Telegram always writes result.json) both stay. Paths already
+    inside exports/ are left where they are. Returns the new folder (None when nothing was new)."""
+    assert persona.exports is not None
+    new = [p for p in paths if persona.exports.resolve() not in p.resolve().parents]
+    if not new:
+        return None
+    added = persona.exports / datetime.now(UTC).strftime("added-%Y%m%d-%H%M%S")
+    try:
+        for i, path in enumerate(new, start=1):
+            copy_export(path, added / f"{i:02d}")
+    except BaseException:
+        shutil.rmtree(added, ignore_errors=True)
+        raise
+    return added
+
+
+def create_persona(folder: Path, name: str, me: list[str], description: str = "",
+                   exports: list[Path] | None = None) -> Persona:
+    """A new persona folder: persona.toml and exports/ (with copies of `exports`). Nothing is
+    left behind when a copy fails."""
+    if folder.exists():
+        raise PersonaError(f"{folder} already exists: pick another name, or edit its persona.toml")
+    # JSON strings and lists are valid TOML values.
+    lines = [f"name = {json.dumps(name, ensure_ascii=False)}",
+             f"description = {json.dumps(description, ensure_ascii=False)}",
+             f"me = {json.dumps(me, ensure_ascii=False)}  # your names or ids in the exports",
+             "blocklist = []  # extra words and names to redact", ""]
+    (folder / "exports").mkdir(parents=True)
+    try:
+        (folder / "persona.toml").write_text("\n".join(lines), encoding="utf-8")
+        for i, path in enumerate(exports or [], start=1):
+            copy_export(path, folder / "exports" / f"{i:02d}")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Persona.load(folder)
