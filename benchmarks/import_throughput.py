@@ -7,7 +7,7 @@ process so that each peak memory figure belongs to one reader alone:
     ours      training.importers.telegram.read_telegram, iterating every message
     baseline  json.load of the whole file, then iterating every message dict
 
-and prints messages per second, peak resident memory (the child's ru_maxrss) and the ratios.
+and prints messages per second, peak resident memory (the child's own VmHWM) and the ratios.
 
     python benchmarks/import_throughput.py                   # 1 GB
     python benchmarks/import_throughput.py --size-gb 0.05    # quick check
@@ -215,6 +215,13 @@ def generate_export(path: Path, size_bytes: int, shape: str = "full", seed: int 
 
 
 def _peak_rss_bytes() -> int:
+    # Linux: VmHWM, this process's own peak. ru_maxrss would carry the parent's peak over the
+    # fork and exec that started this child.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

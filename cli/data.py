@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from cli.common import CliError, Session, open_session, shown, using
@@ -60,6 +61,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     from training.atomic import atomic_file
     from training.importers import import_messages
 
+    if args.out is not None and args.out.exists() and not args.out.is_file():
+        # The output is written beside and renamed over: that would replace a device or a pipe.
+        raise CliError(f"--out {args.out}: not a regular file (give the path of a file to write)")
     report, tally = ImportReport(), ImportTally()
     messages = tally.watch(import_messages(args.paths, report, args.format))
     if args.out is None:
@@ -77,10 +81,25 @@ def cmd_import(args: argparse.Namespace) -> None:
 # -- clone prepare ----------------------------------------------------------------------------
 
 
+def lazy_token_counter(base: str | None) -> Callable[[str], int]:
+    """The tokenizer's counter, loaded at its first use: after the import, so an export that
+    cannot be read is said at once, not after the seconds the tokenizer takes to load."""
+    counter: Callable[[str], int] | None = None
+
+    def count(text: str) -> int:
+        nonlocal counter
+        if counter is None:
+            from training.base_model import load_tokenizer, token_counter
+
+            counter = token_counter(load_tokenizer(base))
+        return counter(text)
+
+    return count
+
+
 def run_prepare(session: Session, args: argparse.Namespace) -> Outcome:
     """The persona's exports/ to its dataset/, with the summary printed."""
     from training import prepare
-    from training.base_model import load_tokenizer, token_counter
     from training.privacy import load_blocklist
 
     persona = session.persona
@@ -92,7 +111,7 @@ def run_prepare(session: Session, args: argparse.Namespace) -> Outcome:
     blocklist = load_blocklist(args.blocklist) if args.blocklist else []
     report, tally = ImportReport(), ImportTally()
     try:
-        outcome = prepare.prepare([persona.exports], persona, cfg, token_counter(load_tokenizer(args.base)),
+        outcome = prepare.prepare([persona.exports], persona, cfg, lazy_token_counter(args.base),
                                   fmt=args.format, blocklist=blocklist, tally=tally, report=report)
     except prepare.PrepareError:
         print_summary(tally, report)  # the author list tells who `me` should be

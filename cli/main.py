@@ -19,8 +19,9 @@ from training.message import ExportError
 from training.persona import PersonaError
 
 # Errors a user can fix: one line on stderr, exit status 2 (--verbose shows the traceback).
+# OSError covers what the system refuses: a full disk, an I/O error, a permission.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CliError, ExportError, PersonaError, SettingsError, FileNotFoundError, ValueError)
+    CliError, ExportError, PersonaError, SettingsError, OSError, ValueError)
 
 
 def version() -> str:
@@ -28,6 +29,13 @@ def version() -> str:
         return importlib.metadata.version("digital-clone")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def error_text(e: BaseException) -> str:
+    """One line for an error: the system's own words for an OSError, with the file it names."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, BaseModelError) as e:
         if args.verbose:
             raise
-        print(f"clone {args.command}: error: {e}", file=sys.stderr)
+        print(f"clone {args.command}: error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was overwritten", file=sys.stderr)

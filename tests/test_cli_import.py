@@ -179,3 +179,24 @@ def test_start_prepares_and_trains_the_sample_persona(tmp_path, capsys, tiny_bas
     # A second start finds the adapter and does not train again.
     code, out, _ = run(argv, capsys)
     assert code == 0 and f"Active adapter: {adapter.name}" in out
+
+
+def test_prepare_with_no_sample_fails_and_keeps_the_old_dataset(tmp_path, capsys):
+    persona = new_persona(tmp_path, capsys, FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt",
+                          me=["Alice"])
+    assert run(["prepare", "--persona", persona], capsys)[0] == 0
+    dataset = persona / "dataset"
+    before = {p.name: p.read_bytes() for p in dataset.iterdir()}
+    # New exports in which Alice only ever sends photos: she is there, but no text of hers is kept.
+    shutil.rmtree(persona / "exports")
+    (persona / "exports").mkdir()
+    (persona / "exports" / "WhatsApp Chat with Bob Smith.txt").write_text(
+        "".join(f"3/{d}/22, 9:0{k} AM - {line}\n" for d in range(1, 9)
+                for k, line in enumerate([f"Bob Smith: photo {d}?", "Alice: <Media omitted>"])))
+    code, _, err = run(["prepare", "--persona", persona], capsys)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("clone prepare: error: ") and "no training sample" in line
+    assert str(dataset) in line and "unchanged" in line
+    assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before  # byte for byte
+    assert sorted(p.name for p in persona.iterdir()) == ["dataset", "exports", "persona.toml"]

@@ -1,13 +1,26 @@
-"""Write-then-rename, so a crash never leaves a half-written file or folder where a good one stood."""
+"""Write-then-rename, so a crash never leaves a half-written file or folder where a good one stood.
+
+A failed write (a full disk included) removes what it had written and raises the OSError with the
+destination's name on it, for a one-line message."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# Errors only writing raises: the file that failed is then the one being written.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _name_it(e: OSError, dest: Path) -> None:
+    """Name the destination on a write error that names no file (write() and close() do not)."""
+    if e.errno in _WRITE_ERRNOS and e.filename is None:
+        e.filename = str(dest)
 
 
 @contextmanager
@@ -21,8 +34,10 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            _name_it(e, path)
         raise
 
 
@@ -47,8 +62,10 @@ def staged_dir(dest: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            _name_it(e, dest)
         raise
     aside = dest.parent / f".{dest.name}.old-{os.getpid()}"
     if dest.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 Kind = Literal["text", "media", "service"]
+KINDS: tuple[Kind, ...] = ("text", "media", "service")
 PLATFORMS = ("telegram", "whatsapp", "discord", "csv")
 # The exact keys of one line of `clone import` output, in this order.
 FIELDS = (
@@ -54,19 +55,44 @@ class Message:
 
     @classmethod
     def from_dict(cls, d: dict) -> Message:
-        ts = d.get("timestamp")
+        """The inverse of to_dict. A field of the wrong type (a file edited by hand) raises
+        TypeError, an unknown kind ValueError, a missing required field KeyError."""
+        if not isinstance(d, dict):
+            raise TypeError("a message is a JSON object")
+        kind = d.get("kind", "text")
+        if kind not in KINDS:
+            raise ValueError("unknown kind")
+        ts = _opt_str(d, "timestamp")
         return cls(
-            platform=d["platform"],
-            chat_id=str(d["chat_id"]),
-            chat_name=d.get("chat_name"),
-            id=str(d["id"]),
-            author_id=None if d.get("author_id") is None else str(d["author_id"]),
-            author=d.get("author"),
+            platform=_str(d["platform"]),
+            chat_id=_ident(d["chat_id"]),
+            chat_name=_opt_str(d, "chat_name"),
+            id=_ident(d["id"]),
+            author_id=None if d.get("author_id") is None else _ident(d["author_id"]),
+            author=_opt_str(d, "author"),
             timestamp=datetime.fromisoformat(ts) if ts else None,
-            text=d.get("text") or "",
-            kind=d.get("kind", "text"),
-            reply_to=None if d.get("reply_to") is None else str(d["reply_to"]),
+            text=_opt_str(d, "text") or "",
+            kind=kind,
+            reply_to=None if d.get("reply_to") is None else _ident(d["reply_to"]),
         )
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def _opt_str(d: dict, key: str) -> str | None:
+    value = d.get(key)
+    return None if value is None else _str(value)
+
+
+def _ident(value: object) -> str:
+    """An id: a string, or an integer written as a number (never a float: ids exceed 2**53)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _str(value)
 
 
 class ExportError(Exception):

@@ -6,6 +6,7 @@ never pass through a float.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ from typing import Any, BinaryIO
 
 import ijson
 
-from training.importers.common import StableIds
+from training.importers.common import JsonGuard, LimitError, StableIds, json_events, json_items
 from training.importers.tables import header_names, table_rows
+from training.limits import MAX_RECORD_BYTES, size_text
 from training.message import ExportError, ImportReport, Kind, Message
 
 PLATFORM = "discord"
@@ -53,12 +55,19 @@ _PACKAGE_CHANNEL_DIR = re.compile(r"c?(\d+)", re.IGNORECASE)
 
 class _CountingReader:
     """A binary file for ijson that drops a leading BOM and counts the bytes handed out,
-    so a parse error can name roughly where the file broke."""
+    so a parse error can name roughly where the file broke, and keeps within training.limits.
 
-    def __init__(self, f: BinaryIO) -> None:
+    ijson's C backend builds each message itself, out of reach; with `records`, the reader
+    refuses to go on once MAX_RECORD_BYTES have passed since the caller last set `quiet` to 0
+    (which it does for each message it gets), so no message object grows without bound.
+    """
+
+    def __init__(self, f: BinaryIO, path: Path | str, records: bool = False, big_ints: bool = False) -> None:
         self._f = f
         self._first = True
         self.pos = 0
+        self._guard = JsonGuard(path, big_ints)
+        self.quiet: int | None = 0 if records else None
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
@@ -66,6 +75,12 @@ class _CountingReader:
             self._first = False
             data = data.removeprefix(_BOM)
         self.pos += len(data)
+        self._guard.feed(data)
+        if self.quiet is not None:
+            self.quiet += len(data)
+            if self.quiet > MAX_RECORD_BYTES:
+                raise LimitError(self._guard.path, f"bytes {self.pos - self.quiet + 1}-{self.pos}",
+                                 f"one message over {size_text(MAX_RECORD_BYTES)}: not a chat export")
         return data
 
 
@@ -105,25 +120,26 @@ def sniff_discord_json(head: bytes) -> bool:
     include "guild", "channel" and "messages" (nested keys do not count)."""
     seen: set[str] = set()
     try:
-        for prefix, event, value in ijson.parse(head.removeprefix(_BOM)):
+        # Small reads: the keys that decide are seen before the guard stops at a bomb further on.
+        for prefix, event, value in json_events(_CountingReader(io.BytesIO(head), ""), buf_size=64):
             if prefix == "" and event == "map_key":
                 seen.add(value)
                 if {"guild", "channel", "messages"} <= seen:
                     return True
             elif prefix == "" and event != "start_map":
                 return False  # the top level is not an object
-    except ijson.JSONError:
-        pass  # the head ends mid-document
+    except (ijson.JSONError, LimitError):
+        pass  # the head ends mid-document, or nests too deep
     return False
 
 
 def _dce_header(path: Path, f: BinaryIO) -> tuple[dict, dict]:
     """The export's `guild` and `channel` objects, read without building `messages`."""
-    reader = _CountingReader(f)
+    reader = _CountingReader(f, path, records=True)  # both come first, and are small
     found: dict[str, Any] = {}
     key, builder = None, None
     try:
-        for prefix, event, value in ijson.parse(reader):
+        for prefix, event, value in json_events(reader):
             if prefix == "":
                 if event == "map_key":
                     if value == "messages" and "channel" in found:
@@ -233,16 +249,19 @@ def read_discord_json(path: Path, report: ImportReport) -> Iterator[Message]:
         channel_name = channel.get("name") or None
         # Second pass: the C backend builds each message itself, far faster than events.
         f.seek(0)
-        reader = _CountingReader(f)
+        reader = _CountingReader(f, path, records=True)
         n = 0
         try:
-            for m in ijson.items(reader, "messages.item"):
+            for m in json_items(reader, "messages.item"):
                 n += 1
+                reader.quiet = 0
                 msg = _dce_message(m, chat_id, chat_name, channel_name, report)
                 if msg is not None:
                     yield msg
         except ijson.JSONError as e:
             raise _json_error(path, f"message {n + 1}, near byte {reader.pos}", e) from None
+        except LimitError as e:
+            raise ExportError(path, f"message {n + 1}, {e.where}", e.reason) from None
 
 
 # --- DiscordChatExporter CSV --------------------------------------------------------------------
@@ -324,14 +343,20 @@ def is_discord_package(folder: Path) -> bool:
 
 
 def _load_small_json(path: Path) -> Any:
-    """A small metadata file (index.json, channel.json), read whole."""
+    """A small metadata file (index.json, channel.json), read whole: so one record at most."""
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise ExportError(path, None, f"over {size_text(MAX_RECORD_BYTES)}: not Discord's metadata")
+    data = path.read_bytes().removeprefix(_BOM)
+    JsonGuard(path).feed(data)  # json.loads would recurse once per level
     try:
-        return json.loads(path.read_bytes().removeprefix(_BOM).decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ExportError(path, f"byte {e.start + 1}", "not UTF-8 text") from None
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
         raise ExportError(path, where, f"invalid JSON: {e.msg}") from None
+    except ValueError:  # an integer longer than Python reads
+        raise ExportError(path, None, "invalid JSON: a number too long to read") from None
 
 
 def _package_owner(root: Path, report: ImportReport) -> tuple[str, str]:
@@ -342,12 +367,13 @@ def _package_owner(root: Path, report: ImportReport) -> tuple[str, str]:
     if user is not None and user.is_file():
         try:
             with open(user, "rb") as f:
-                for prefix, event, value in ijson.parse(_CountingReader(f)):
+                reader = _CountingReader(f, user, big_ints=True)  # the id may be a number
+                for prefix, event, value in json_events(reader, big_ints=True):
                     if prefix in ("id", "username", "global_name") and event != "map_key":
                         fields[prefix] = value
                         if len(fields) == 3:
                             break
-        except ijson.JSONError:
+        except (ijson.JSONError, LimitError):
             report.notes.append(f"{user}: unreadable, so the data package owner is called 'me'")
     owner_id = _id(fields.get("id")) or "me"
     names = [fields.get("global_name"), fields.get("username")]
@@ -375,12 +401,13 @@ def _package_records(path: Path, report: ImportReport) -> Iterator[dict[str, Any
             yield cells  # table_rows already gives lower-case column names
         return
     with open(path, "rb") as f:
-        reader = _CountingReader(f)
+        reader = _CountingReader(f, path, records=True, big_ints=True)
         n = 0
         try:
-            # ijson gives exact ints for integer literals (Decimal for others), never floats.
-            for record in ijson.items(reader, "item"):
+            # Ids are numbers here: exact ints, of any size (Decimal for a fraction, refused).
+            for record in json_items(reader, "item", big_ints=True):
                 n += 1
+                reader.quiet = 0
                 if isinstance(record, dict):
                     # Key casing is not guaranteed across package generations.
                     yield {str(k).lower(): v for k, v in record.items()}
@@ -390,6 +417,8 @@ def _package_records(path: Path, report: ImportReport) -> Iterator[dict[str, Any
             if reader.pos == 0:
                 raise ExportError(path, None, "empty file") from None
             raise _json_error(path, f"message {n + 1}, near byte {reader.pos}", e) from None
+        except LimitError as e:
+            raise ExportError(path, f"message {n + 1}, {e.where}", e.reason) from None
 
 
 def _package_chat_name(index_name: Any, channel: dict) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from training.importers.common import decoded_lines
+from training.limits import MAX_MESSAGE_CHARS, MAX_RECORD_BYTES, TOO_LONG, size_text
 from training.message import ExportError, ImportReport, Message
 
 PLATFORM = "csv"
@@ -29,12 +30,30 @@ def header_names(header_line: str) -> list[str]:
     return [name.strip().lower() for name in row]
 
 
-def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
-    """UTF-8 lines; a NUL byte means binary data (the csv module would pass it on)."""
-    for lineno, line in enumerate(decoded_lines(f, path), start=1):
+class _TextLines:
+    """UTF-8 lines for the csv module; a NUL byte means binary data (csv would pass it on).
+
+    Counts the characters of the record being read (`record`, reset by the caller after each
+    one), so a record of many quoted multi-line cells cannot grow without bound either.
+    """
+
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self._lines = enumerate(decoded_lines(f, path), start=1)
+        self.path = path
+        self.record = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        lineno, line = next(self._lines)
         if "\x00" in line:
-            raise ExportError(path, f"line {lineno}", "binary data (NUL bytes): not a CSV table")
-        yield line
+            raise ExportError(self.path, f"line {lineno}", "binary data (NUL bytes): not a CSV table")
+        self.record += len(line)
+        if self.record > MAX_RECORD_BYTES:
+            raise ExportError(self.path, f"line {lineno}",
+                              f"one record over {size_text(MAX_RECORD_BYTES)}: not a chat table")
+        return line
 
 
 def table_rows(
@@ -52,9 +71,13 @@ def table_rows(
     LF. Raises ExportError for an empty file, a missing header, text that is not UTF-8, or CSV
     the csv module cannot read.
     """
+    # A cell may be as long as a record (csv's default stops at 128 KiB and refuses the whole
+    # file); a cell longer than a message skips its row below.
+    csv.field_size_limit(MAX_RECORD_BYTES)
     with open(path, "rb") as f:
         # decoded_lines names the exact line of a bad byte; csv keeps quoted newlines intact.
-        reader = csv.reader(_text_lines(f, path))
+        lines = _TextLines(f, path)
+        reader = csv.reader(lines)
         try:
             header = next(reader, None)
             while header == []:  # blank lines before the header
@@ -71,11 +94,15 @@ def table_rows(
             index = {c: names.index(c) for c in (*required, *optional) if c in names}
             rowno = 0
             for row in reader:
+                lines.record = 0
                 if not row:  # a blank line between records
                     continue
                 rowno += 1
                 if len(row) != len(header):
                     report.skip("malformed row")
+                    continue
+                if any(len(row[i]) > MAX_MESSAGE_CHARS for i in index.values()):
+                    report.skip(TOO_LONG)
                     continue
                 # Quoted cells keep the file's line breaks; text uses plain "\n".
                 yield rowno, {c: row[i].replace("\r\n", "\n") for c, i in index.items()}

@@ -17,6 +17,14 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from training.importers.common import StableIds, decoded_lines
+from training.limits import (
+    MAX_MESSAGE_CHARS,
+    MAX_ZIP_RATIO,
+    MAX_ZIP_TEXT_BYTES,
+    TOO_LONG,
+    ZIP_RATIO_FROM_BYTES,
+    size_text,
+)
 from training.message import ExportError, ImportReport, Message
 
 # How many non-empty lines may come before the first header (sniffing and reading agree).
@@ -120,7 +128,7 @@ def read_whatsapp(path: Path, report: ImportReport) -> Iterator[Message]:
                 yield from _finish(pending, chat_id, source.chat_name, ids, report)
             pending = _Pending(_timestamp(m, day_first), m["rest"])
         elif pending is not None:
-            pending.more.append(line)
+            pending.add(line)
         elif line.strip():
             report.skip("text before first message")  # pass 1 allows a few such lines
     if pending is not None:
@@ -149,6 +157,8 @@ class _Source:
                     yield lineno, line.rstrip("\r\n")
         except zipfile.BadZipFile as e:  # a corrupt member shows only once it is read
             raise ExportError(self.label, None, f"corrupt zip member ({e})") from None
+        except (RuntimeError, NotImplementedError) as e:  # encrypted, or an unknown compression
+            raise ExportError(self.label, None, f"cannot unzip it ({e})") from None
 
     @contextmanager
     def _open(self) -> Iterator[IO[bytes]]:
@@ -176,10 +186,12 @@ def _zip_source(path: Path) -> _Source:
                 if n.lower().endswith(".txt") and not n.startswith("__MACOSX/")
             ]
             member = _pick_member(zf, names)
-    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+            info = zf.getinfo(member) if member is not None else None
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as e:
         raise ExportError(path, None, f"not a readable zip file ({e})") from None
-    if member is None:
+    if member is None or info is None:
         raise ExportError(path, None, "no WhatsApp chat .txt inside the zip")
+    _check_inflated_size(path, info)
     base = PurePosixPath(member).name
     zip_name = _chat_name(path.name)
     if base == "_chat.txt":
@@ -187,6 +199,19 @@ def _zip_source(path: Path) -> _Source:
     else:
         name = _chat_name(base) if _CHAT_FILE.match(PurePosixPath(base).stem) else zip_name
     return _Source(path, member, name)
+
+
+def _check_inflated_size(path: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse a zip bomb before inflating it, by the size its chat text declares: zipfile stops
+    at that size (and a member that lies about it fails its checksum there)."""
+    label = f"{path}!{info.filename}"
+    if info.file_size > MAX_ZIP_TEXT_BYTES:
+        raise ExportError(label, None, f"inflates to {info.file_size:,} bytes, over the "
+                                       f"{size_text(MAX_ZIP_TEXT_BYTES)} a chat text may take (a zip bomb?)")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > ZIP_RATIO_FROM_BYTES and ratio > MAX_ZIP_RATIO:
+        raise ExportError(label, None, f"inflates {ratio:,.0f} times its compressed size, over "
+                                       f"{MAX_ZIP_RATIO} times (a zip bomb?)")
 
 
 def _pick_member(zf: zipfile.ZipFile, names: list[str]) -> str | None:
@@ -273,6 +298,12 @@ class _Pending:
     timestamp: datetime | None  # None: the header's date is impossible
     rest: str  # the header line after the time
     more: list[str] = field(default_factory=list)  # continuation lines
+    size: int = 0  # characters past `rest`; past MAX_MESSAGE_CHARS lines are counted, not kept
+
+    def add(self, line: str) -> None:
+        self.size += len(line) + 1
+        if len(self.rest) + self.size <= MAX_MESSAGE_CHARS:
+            self.more.append(line)
 
 
 def _timestamp(m: re.Match[str], day_first: bool) -> datetime | None:
@@ -307,6 +338,9 @@ def _finish(
 ) -> Iterator[Message]:
     if p.timestamp is None:
         report.skip("bad timestamp")
+        return
+    if len(p.rest) + p.size > MAX_MESSAGE_CHARS:
+        report.skip(TOO_LONG)
         return
     author: str | None = None
     body = p.rest
