@@ -2,25 +2,30 @@
 
 Each kind of value is replaced where it stands by a typed placeholder ("[EMAIL]", "[PHONE]"...),
 so the sentence around it keeps its shape. Detection runs in stages, most specific first
-(secrets and URLs, emails, IBANs, cards, IPs, phones, then the user's blocklist), so a card
-number is never half-eaten by the phone stage. Every stage works only on the text *between*
-placeholders already present, which means placeholders are never matched again and
-overlapping matches cannot produce garbage like "[PH[CARD]".
+(secrets and URLs, secrets after a keyword such as "password:", emails, IBANs, cards, IPs,
+phones, then the user's blocklist), so a card number is never half-eaten by the phone stage.
+Every stage works only on the text *between* placeholders already present, which means
+placeholders are never matched again and overlapping matches cannot produce garbage like
+"[PH[CARD]".
 
 Numbers are the hard part: most digits in chats are times, dates, prices, versions and counts.
 Candidates are found by permissive regexes and then validated in Python (Luhn for cards,
-mod-97 and country length for IBANs, `ipaddress` for IPv6, shape rules for phones).
+mod-97 and country length for IBANs, `ipaddress` for IPv6, shape rules for phones, and
+libphonenumber's numbering plans for a bare run of ten or eleven digits).
 
 Privacy: this module never logs, and never puts a matched value into an exception message.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import phonenumbers
 
 __all__ = ["PLACEHOLDERS", "Redactor", "load_blocklist"]
 
@@ -129,6 +134,112 @@ def _redact_secrets(text: str) -> str:
     return text
 
 
+# -- secrets introduced by a keyword ----------------------------------------------------------
+
+# "password: x", "my pin is x", "wifi pass: x", "pwd=x", "DB_PASSWORD=x": the value goes and the
+# keyword stays, so the clone still learns that passwords come up, not what they are.
+# Strong keywords name a password and nothing else: after ":" or "=" even a plain word is taken
+# for the value. Weak ones ("pin", "token", "secret", "pass") also name everyday things, so their
+# value must look like a secret (_SECRET_SHAPE) whatever the phrasing.
+_ID_PART = r"(?:secret|passw(?:or)?d|pwd|passphrase|token|api_?key|(?:access|private|secret)_?key)"
+_STRONG_KW = (
+    r"pass(?:word|wd|phrase|code)s?|pwd|pw"
+    r"|(?:wi-?fi|wlan|router|network|guest)\s+(?:pass(?:word|wd|code|phrase)?|pwd|pw|key)"
+    r"|mot\s+de\s+passe|mdp|passwort|kennwort|contraseña|senha|wachtwoord|lösenord(?:et)?"
+    r"|adgangskoden?|passord(?:et)?|salasana|has[łl]o|heslo|jelszó|şifre|пароль"
+    # identifiers from config files and shells: DB_PASSWORD, aws_secret_access_key, api_key
+    rf"|(?=[a-z0-9]*_)(?:[a-z0-9]+_)*{_ID_PART}(?:_[a-z0-9]+)*"
+    r"|(?-i:(?:client|api|access|secret|private|auth|refresh|db)(?:Secret|Key|Token|Password))"
+)
+_WEAK_KW = (
+    r"pass|pin(?:[\s-]*code)?|secret(?:\s+key)?|client\s+secret|api[\s-]?key|(?:access|private)\s+key"
+    r"|(?:(?:access|auth|bot|api|refresh|session)\s+)?token"
+    r"|(?:door|gate|alarm|garage|safe|entry|access)\s+code"
+)
+# "the password for the wifi is x": a few words may stand between the keyword and "is" or ":".
+_BRIDGE = r"\s+(?:for|of|on|at|in|de|del|du|für|pour|para|da|do|van|för)(?:\s+[^\s.,;:!?=]+){1,3}"
+_VERB = r"(?:\s+(?:is|was|are|were|will\s+be|ist|war|est|était|es|era|é|è|är|er)|['’]s)"
+_KW_RE = re.compile(
+    r"(?:(?<=[\s\"'`(\[{,;*>])|(?<=--)|^)"  # starts a word, not inside a URL or identifier
+    rf"(?:(?P<strong>{_STRONG_KW})|(?P<weak>{_WEAK_KW}))(?![\w-])[\"'`*]*"
+    rf"(?:(?:{_BRIDGE})?(?:(?P<sep>\s*(?::=|=>|->|[:=])(?!//)\**\s*|\s+[-–—]\s+)"  # "**pwd:** x", "pin - x"
+    rf"|(?P<verb>{_VERB}(?:\s+(?:now|still|just))?(?:\s*:\s*|\s+)))"
+    r"|(?P<adj>[ \t]+))"
+    r"(?P<val>(?P<q>[\"'`“‘«])(?P<qv>[^\n\"'`”’»]{1,100})[\"'`”’»]|[^\s\"'`“‘«]\S{0,199})",
+    re.IGNORECASE,
+)
+# Cheap test first, on the lowered text: most messages name none of the keywords, and a
+# case-insensitive alternation costs five times as much as this one.
+_KW_HINT = re.compile(
+    r"p(?:ass|w|in)|s(?:ecret|enha|alasana)|token|k(?:ey|ennwort)|co(?:de|ntrase)|mdp|wachtwoord"
+    r"|lösenord|h(?:as[łl]o|eslo)|jelsz|şifre|пароль"
+)
+_VALUE_TRAILING = ".,;:)]}>\"'”’»"
+# A digit, a symbol or an inner capital ("hunter2", "Tr0ub4dor&3", "CorrectHorse").
+_SECRET_SHAPE = re.compile(r"\d|[^\w\s'’-]|_|[a-z][A-Z]")
+# Money, percentages, dates, times, ranges and versions ("the pass is $120", "pin: 10:30");
+# a bare run of digits is a PIN.
+_NOT_SECRET = re.compile(r"[$€£¥]\d[\d.,]*|\d[\d.,]*[$€£¥%]|\d+(?:[.,:/-]\d+)+|v\d+(?:\.\d+)*")
+# A plain word is a password only where it ends the clause ("wifi password: swordfish.").
+_CLAUSE_END = re.compile(r"[)\]}>\"'”’»]*(?:\s*$|[ \t]*\n|[,;]|[.!?](?:\s|$))")
+# Words that end "password: ..." in prose (shorter ones never count as a value).
+_PLAIN_VALUES = frozenset({
+    "same", "none", "null", "empty", "blank", "unknown", "reset", "changed", "required", "incorrect",
+    "wrong", "expired", "hidden", "please", "check", "below", "above", "attached", "sent", "your",
+    "their", "this", "that", "here", "there", "with", "bearer", "default", "forgot", "forgotten",
+    "needed", "optional", "redacted", "removed", "deleted", "private",
+})
+
+
+def _keyword_value_span(m: re.Match[str]) -> tuple[int, int] | None:
+    """Where the secret after a keyword is, or None when the words after it are prose."""
+    keyword = m.group("strong") or m.group("weak")
+    lowered = keyword.lower()
+    # ":" or "=" announce a value, also after a verb ("password is: x")
+    announced = m.group("sep") is not None or ":" in (m.group("verb") or "")
+    if m.group("adj") is not None and not (m.group("strong") or lowered.startswith("pin")):
+        return None  # "token 12345", "secret santa": only password words and PINs go bare
+    if lowered == "pass" and not announced:
+        return None  # "the bus pass is $120"
+    if m.group("q"):
+        return m.span("qv")
+    value = m.group("val").rstrip(_VALUE_TRAILING)
+    start = m.start("val")
+    # An "=" or ":" closing the value is its keyword's ("pin code=" before a placeholder).
+    core = value.strip("()[]{}<>!?.,;:=")
+    if len(core) < 4 or _NOT_SECRET.fullmatch(core):
+        return None
+    if _SECRET_SHAPE.search(core) is None:
+        plain_ok = (
+            m.group("strong") is not None
+            and announced
+            and core.lower() not in _PLAIN_VALUES
+            and _CLAUSE_END.match(m.string, start + len(value)) is not None
+        )
+        if not plain_ok:
+            return None
+    return start, start + len(value)
+
+
+def _redact_keyword_secrets(text: str) -> str:
+    if _KW_HINT.search(text.lower()) is None:
+        return text
+    out: list[str] = []
+    done = search_from = 0
+    while (m := _KW_RE.search(text, search_from)) is not None:
+        span = _keyword_value_span(m)
+        if span is None:
+            # Prose after the keyword; it may itself hold a keyword ("pass pwd=x").
+            search_from = m.start("val")
+            continue
+        out += [text[done : span[0]], _SECRET]
+        done = search_from = span[1]
+    if not out:
+        return text
+    out.append(text[done:])
+    return "".join(out)
+
+
 # -- emails -----------------------------------------------------------------------------------
 
 _EMAIL_RE = re.compile(
@@ -160,9 +271,12 @@ _IBAN_LENGTHS = {
 }
 # Country code, check digits, then alphanumerics with optional single spaces (groups of 4).
 _IBAN_SHAPE = r"(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9_])"
-_IBAN_RE = re.compile(_IBAN_SHAPE)
-# The number stages after the IBAN one also leave IBAN-shaped text alone: one that failed its
-# check stays as written instead of having its digits taken for a card or phone.
+# IBANs are typed in lower case too ("gb82 west 1234 ..."). Explicit ASCII classes, not
+# re.IGNORECASE, under which [a-z] also matches "ı" and "ſ".
+_IBAN_RE = re.compile(r"(?<![\w-])[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9_])")
+# The number stages after the IBAN one also leave upper-case IBAN-shaped text alone: one that
+# failed its check stays as written instead of having its digits taken for a card or phone.
+# Not lower case: "cs50 lecture 3 at 020 7946 0958" is prose with a phone in it.
 _PLACEHOLDER_OR_IBAN_SPLIT = re.compile(
     "(" + "|".join(map(re.escape, PLACEHOLDERS.values())) + "|" + _IBAN_SHAPE + ")"
 )
@@ -181,8 +295,13 @@ def _redact_iban_match(m: re.Match[str]) -> str:
     # The regex may have run on into a following upper-case word: try each cut at a space
     # (or the end), longest first.
     cuts = [len(s)] + [i for i in range(len(s) - 1, 0, -1) if s[i] == " "]
+    # Lower-case runs are mostly prose: only countries with a registered length can match, so
+    # that a chance mod-97 hit on "ab12 some words here" is not taken for an IBAN.
+    known_only = not s.isupper()
     for cut in cuts:
-        compact = s[:cut].replace(" ", "")
+        compact = s[:cut].replace(" ", "").upper()
+        if known_only and compact[:2] not in _IBAN_LENGTHS:
+            break
         if 15 <= len(compact) <= 34 and _iban_ok(compact):
             return PLACEHOLDERS["iban"] + s[cut:]
     return s
@@ -332,6 +451,55 @@ def _is_phone(plus: bool, chunks: list[str], seps: list[str]) -> bool:
     return False
 
 
+# A bare run of 10-11 digits (4155552671) has no shape to go by: it is checked against
+# libphonenumber's numbering plans of the regions whose numbers are written without a trunk 0
+# (those with one are the shape rules' business): NANP (US, Canada...), and mobiles in India
+# (10 digits) and China (11).
+# About 40% of random 10-digit runs fit NANP's plan: a run typed after one of these words is an id.
+_ID_BEFORE = re.compile(
+    r"(?i)\b(?:order|ticket|invoice|tracking|ref|reference|id|isbn|sku|item|issue|case|build"
+    r"|commit|serial|transaction|txn|booking|confirmation|pnr|receipt|parcel|shipment)"
+    r"(?:\s*(?:no\.?|nr\.?|number|num|#))?\W{0,3}$"
+)
+_MOBILE_TYPES = (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+# By length: (country code, leading digits it drops, leading digits its numbers may have,
+# whether only mobiles count). Indian mobiles start with 6-9 (the plan also has 1600..., where
+# Unix timestamps of 2020 live); eleven digits are NANP's country code 1 and ten digits, or a
+# Chinese mobile 13x-19x.
+_BARE_PLANS: dict[int, tuple[tuple[int, int, str, bool], ...]] = {
+    10: ((1, 0, "23456789", False), (91, 0, "6789", True)),
+    11: ((1, 1, "1", False), (86, 0, "1", True)),
+}
+_SAME_DIGIT_RUN = re.compile(r"(\d)\1{5}")
+
+
+@functools.lru_cache(maxsize=4096)  # a chat repeats its numbers; a check costs ~15 µs
+def _is_national_phone(digits: str) -> bool:
+    # Round and repetitive numbers are amounts or placeholders: 2500000000, 6000000001.
+    if len(set(digits)) <= 2 or digits.endswith("0000") or _SAME_DIGIT_RUN.search(digits):
+        return False
+    for country, drop, leading, mobile_only in _BARE_PLANS[len(digits)]:
+        if digits[0] not in leading:
+            continue
+        # Built, not parsed: the digits are already clean, and parse() costs twice the check.
+        # is_valid_number tries every region of the country code (416 is Toronto, not US).
+        number = phonenumbers.PhoneNumber(country_code=country, national_number=int(digits[drop:]))
+        if phonenumbers.is_valid_number(number) and (
+            not mobile_only or phonenumbers.number_type(number) in _MOBILE_TYPES
+        ):
+            return True
+    return False
+
+
+def _is_bare_phone(text: str, start: int, chunk: str) -> bool:
+    """Whether `chunk`, a run of digits alone at text[start:], is a national number."""
+    if not (10 <= len(chunk) <= 11 and chunk.isascii() and chunk.isdigit()):
+        return False
+    if start and text[start - 1] == "=":  # a query value: "?id=4155552671"
+        return False
+    return _ID_BEFORE.search(text, max(0, start - 30), start) is None and _is_national_phone(chunk)
+
+
 def _redact_phone_match(m: re.Match[str]) -> str:
     s = m.group()
     spans = [(c.start(), c.end()) for c in _CHUNK_RE.finditer(s)]
@@ -348,7 +516,10 @@ def _redact_phone_match(m: re.Match[str]) -> str:
             for j in range(min(len(spans), i + 16) - 1, i - 1, -1):
                 if j < len(spans) - 1 and seps[j] != " ":
                     continue
-                if _is_phone(plus and i == 0, chunks[i : j + 1], seps[i:j]):
+                if _is_phone(plus and i == 0, chunks[i : j + 1], seps[i:j]) or (
+                    j == i and not (plus and i == 0)
+                    and _is_bare_phone(m.string, m.start() + spans[i][0], chunks[i])
+                ):
                     start = 0 if (plus and i == 0) else spans[i][0]
                     out.append(s[pos:start])
                     out.append(PLACEHOLDERS["phone"])
@@ -419,6 +590,7 @@ class Redactor:
         # on text with a digit, and skip IBAN-shaped text as well as placeholders.
         self._stages: list[tuple[str, Callable[[str], str], bool]] = [
             ("secret", _redact_secrets, False),
+            ("secret", _redact_keyword_secrets, False),
             ("email", _redact_emails, False),
             ("iban", _redact_ibans, False),
             ("card", _redact_cards, True),
