@@ -20,6 +20,7 @@ from typing import Protocol
 
 from bot.engine import Engine, Incoming
 from bot.gate import RATE_LIMIT_REPLY, Gate, Rules, Sender, Verdict
+from bot.memory import MemoryUnavailable
 
 log = logging.getLogger(__name__)
 DEFAULT_ABOUT = (
@@ -34,6 +35,10 @@ HELP = (
 )
 COMMANDS = ("/reset", "/forget", "/help", "/start", "/about")  # /start: Telegram's first contact
 NOT_HERE = "Sorry, I can't talk here."  # a command the platform insists be answered, refused
+# A reset or deletion that could not be carried out is said to have failed: never "done".
+RESET_FAILED = "I couldn't forget this {chat} right now (memory unavailable); try again in a minute."
+FORGET_FAILED = ("I couldn't delete your messages right now (memory unavailable); "
+                 "try again in a minute.")
 
 
 def _as_is(text: str) -> str:
@@ -147,12 +152,17 @@ class Conversation:
 
     async def command_reply(self, command: str, sender: Sender) -> str:
         """Carry out an admitted command; the text to answer it with."""
-        if command == "/reset":
-            await self.engine.reset(sender.platform, sender.chat_id)
-            return f"Okay, fresh start: I've forgotten this {self.platform.chat}."
-        if command == "/forget":
-            removed = await self.engine.forget(sender.user_id)
-            return f"Done: removed {removed} of your messages from my memory."
+        try:
+            if command == "/reset":
+                await self.engine.reset(sender.platform, sender.chat_id)
+                return f"Okay, fresh start: I've forgotten this {self.platform.chat}."
+            if command == "/forget":
+                removed = await self.engine.forget(sender.user_id)
+                return f"Done: removed {removed} of your messages from my memory."
+        except MemoryUnavailable:
+            log.warning("%s command=%s %s=%s failed: memory unavailable", sender.platform, command,
+                        self.platform.chat, sender.chat_id)
+            return RESET_FAILED.format(chat=self.platform.chat) if command == "/reset" else FORGET_FAILED
         return self.about if command == "/about" else self.platform.help()
 
     async def answer_command(self, command: str, sender: Sender) -> CommandReply | None:

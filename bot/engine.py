@@ -1,8 +1,9 @@
 """The chat engine: a message comes in, the clone's messages go out. It knows no platform.
 
-recall the channel's recent conversation -> build the prompt through the prompt contract (the
-one training used) -> generate -> post-process into a burst of messages -> remember the
-exchange, unless the channel was reset meanwhile.
+cut a message longer than any prompt to its end -> recall the channel's recent conversation ->
+build the prompt through the prompt contract (the one training used) -> generate (a backend that
+cannot answer gets an apology sent instead) -> post-process into a burst of messages -> remember
+the exchange, unless the channel was reset meanwhile.
 
 The generation contract lives here too (`Backend`, `Generated`, `Busy`), so the engine never
 imports torch: a bot that generates on a remote server (`LLM_BASE_URL`) never loads it.
@@ -14,20 +15,26 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
 from training.persona import Persona
-from training.prompt import Utterance, to_chat_messages
+from training.prompt import CHARS_PER_TOKEN, Utterance, keep_end, keep_end_within, to_chat_messages
 
 log = logging.getLogger(__name__)
 BUSY_REPLY = "Sorry, I'm swamped right now. Try again in a minute?"
+UNAVAILABLE_REPLY = "Sorry, I can't answer right now. Try again in a minute?"
 
 
 class Busy(Exception):
     """Too many requests are already waiting: the backend refuses at once."""
+
+
+class Unavailable(RuntimeError):
+    """The backend cannot answer (its server is unreachable or failed). Its message names what
+    failed, never message text, so it can be logged."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,8 @@ class Engine:
         return self._order.hold(self.key(platform, channel).base())
 
     def prompt(self, history: list[Turn], incoming: Incoming) -> list[dict[str, str]]:
-        """The prompt contract over as much recent history as fits the token budget."""
+        """The prompt contract over as much recent history as fits the token budget; a message
+        over the budget on its own keeps its end."""
         others = {t.author_id for t in history if not t.from_persona} | {incoming.author_id}
         group = not incoming.is_dm or len(others) > 1
         utterances = [Utterance(t.author, t.text, t.from_persona) for t in history]
@@ -100,22 +108,27 @@ class Engine:
         while True:
             messages = to_chat_messages(self.persona, utterances, group)
             size = sum(self.count_tokens(m["content"]) + 6 for m in messages)
-            if size <= self.prompt_tokens or len(utterances) == 1:
+            if size <= self.prompt_tokens:
                 return messages
-            utterances = utterances[1:]  # the oldest goes first
+            if len(utterances) > 1:
+                utterances = utterances[1:]  # the oldest goes first
+                continue
+            [alone] = utterances  # the incoming message, over the budget by itself
+            room = self.prompt_tokens - (size - self.count_tokens(alone.text))
+            text = keep_end_within(alone.text, self.count_tokens, room)
+            return to_chat_messages(self.persona, [replace(alone, text=text)], group)
 
     async def handle(self, incoming: Incoming) -> list[str]:
         started = time.monotonic()
+        in_chars = len(incoming.text)
+        # Cut by characters before anything tokenizes it: a megabyte of text must cost what a full
+        # prompt costs. The end stays (see keep_end); what is remembered is the cut text too.
+        incoming = replace(incoming, text=keep_end(incoming.text, self.prompt_tokens * CHARS_PER_TOKEN))
         key = self.key(incoming.platform, incoming.channel)
         history, epoch = await self.memory.recall(key)
-        messages = self.prompt(history, incoming)
-        try:
-            raw = await self.backend.generate(messages)
-        except Busy:
-            log.warning("Busy: a reply in %s/%s was refused", incoming.platform, incoming.channel)
-            return [BUSY_REPLY]
-        if isinstance(raw, str):  # a backend that cannot tell whether it was cut: take it as whole
-            raw = Generated(raw)
+        raw = await self._generate(self.prompt(history, incoming), incoming)
+        if isinstance(raw, str):  # the backend could not answer: say so, remember nothing
+            return [raw]
         speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
         replies = to_messages(raw.text, other_speakers=speakers, truncated=raw.truncated)
         now = time.time()
@@ -125,13 +138,31 @@ class Engine:
         await self.memory.append(key, turns, epoch)  # refused if the channel was reset meanwhile
         log.info(
             "reply platform=%s channel=%s in_chars=%d out_messages=%d history=%d took=%.2fs",
-            incoming.platform, incoming.channel, len(incoming.text), len(replies), len(history),
+            incoming.platform, incoming.channel, in_chars, len(replies), len(history),
             time.monotonic() - started,
         )
         return replies
 
+    async def _generate(self, messages: list[dict[str, str]], incoming: Incoming) -> Generated | str:
+        """The model's turn, or the apology to send instead when the backend cannot answer."""
+        where = f"{incoming.platform}/{incoming.channel}"
+        try:
+            raw = await self.backend.generate(messages)
+        except Busy:
+            log.warning("Busy: a reply in %s was refused", where)
+            return BUSY_REPLY
+        except Exception as e:  # a dead server or a failed batch must not end the chat or the bot
+            # An Unavailable names what failed; any other error's text could quote the prompt.
+            why = str(e) if isinstance(e, Unavailable) else type(e).__name__
+            log.warning("No reply in %s: generation failed (%s)", where, why)
+            return UNAVAILABLE_REPLY
+        # A backend that cannot tell whether it was cut: take it as whole.
+        return Generated(raw) if isinstance(raw, str) else raw
+
     async def reset(self, platform: str, channel: str) -> None:
+        """Forget the channel's conversation; raises MemoryUnavailable when it could not."""
         await self.memory.reset(self.key(platform, channel))
 
     async def forget(self, author_id: str) -> int:
+        """Delete what `author_id` said, everywhere; raises MemoryUnavailable when it could not."""
         return await self.memory.forget_user(self.persona.id, author_id)

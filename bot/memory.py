@@ -4,6 +4,10 @@ in the persona's folder.
 Both keep, per (persona, platform, channel), the latest turns within `max_turns` and `token_budget`
 (oldest dropped first), expire a channel `ttl_days` after its last append, and carry an "epoch" that
 `reset` bumps so a reply generated before a reset is refused by `append`.
+
+Remembering is best effort (while Redis is down or the disk is full the chat goes on without it),
+but forgetting is a request a user made: `reset` and `forget_user` raise `MemoryUnavailable` when
+it could not be carried out, so the user is told instead of finding the old turns back later.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ DEFAULT_MAX_TURNS = 40
 DEFAULT_TOKEN_BUDGET = 1500
 DEFAULT_TTL_DAYS = 14.0
 _DAY = 86400.0
+
+
+class MemoryUnavailable(Exception):
+    """A reset or a deletion could not be carried out: the store is unreachable or cannot be written."""
 
 
 def default_count_tokens(text: str) -> int:
@@ -75,9 +83,13 @@ class Memory(Protocol):
 
     async def append(self, key: ChannelKey, turns: Sequence[Turn], epoch: int | None = None) -> bool: ...
 
-    async def reset(self, key: ChannelKey) -> None: ...
+    async def reset(self, key: ChannelKey) -> None:
+        """Forget the channel; raises MemoryUnavailable when that could not be done."""
+        ...
 
-    async def forget_user(self, persona: str, author_id: str) -> int: ...
+    async def forget_user(self, persona: str, author_id: str) -> int:
+        """Delete every turn by `author_id`; how many. Raises MemoryUnavailable when it could not."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -214,9 +226,9 @@ def connect_redis(url: str, timeout_s: float = 0.5, max_connections: int = 64):
 class RedisMemory:
     """Memory in Redis: one round trip per recall (pipeline) and per append (Lua script).
 
-    While Redis is unreachable, recall gives ([], 0) and append gives False; one warning is logged
-    when it goes down and one info line when it is back. Nothing is retried: the next call simply
-    tries again.
+    While Redis is unreachable, recall gives ([], 0), append gives False, and reset and forget_user
+    raise MemoryUnavailable; one warning is logged when it goes down and one info line when it is
+    back. Nothing is retried: the next call simply tries again.
     """
 
     def __init__(
@@ -316,15 +328,21 @@ class RedisMemory:
                 await pipe.execute()
         except (ConnectionError, TimeoutError, OSError) as exc:
             self._outage(exc)
-            return
+            raise MemoryUnavailable("Redis is unreachable") from None
         self._ok()
 
     async def forget_user(self, persona: str, author_id: str) -> int:
-        """Delete every turn by `author_id` in every channel of `persona`. Unlike the other calls this
-        raises when Redis is unreachable: a deletion request must not silently do nothing."""
+        """Delete every turn by `author_id` in every channel of `persona`."""
+        from redis.exceptions import ConnectionError, TimeoutError
+
         set_key = _author_key(persona, author_id)
-        bases = sorted(await self.client.smembers(set_key))
-        removed = await self._forget_script(keys=[set_key, *(b + ":turns" for b in bases)], args=[author_id])
+        try:
+            bases = sorted(await self.client.smembers(set_key))
+            removed = await self._forget_script(keys=[set_key, *(b + ":turns" for b in bases)],
+                                                args=[author_id])
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            self._outage(exc)
+            raise MemoryUnavailable("Redis is unreachable") from None
         self._ok()
         return int(removed)
 
@@ -334,7 +352,12 @@ class RedisMemory:
 
 
 class EmbeddedMemory:
-    """The same memory in-process, saved to a JSON file (when `path` is given) after every change."""
+    """The same memory in-process, saved to a JSON file (when `path` is given) after every change.
+
+    A file that cannot be read, or is not a memory file, is moved aside (`.corrupt`) with a
+    warning, and memory starts empty. When the file cannot be written (a full disk), memory goes
+    on in-process: one warning until a save succeeds again, and reset and forget_user raise
+    MemoryUnavailable, as what they deleted is still on disk."""
 
     def __init__(
         self,
@@ -353,6 +376,7 @@ class EmbeddedMemory:
         self.ttl_s = ttl_days * _DAY
         self.count_tokens = count_tokens
         self.clock = clock
+        self._unsaved = False  # the last save failed (and was warned about)
         # redis_key -> {"persona", "epoch", "expires", "turns": [encoded turn dicts]}
         self._channels: dict[str, dict[str, Any]] = {}
         if path is not None and path.exists():
@@ -360,10 +384,7 @@ class EmbeddedMemory:
 
     def _load(self, path: Path) -> None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            channels = data["channels"]
-            if not isinstance(channels, dict):
-                raise TypeError("channels is not an object")
+            channels = _checked_channels(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Keep the unreadable file for the user instead of overwriting it on the next save.
             aside = path.with_name(path.name + ".corrupt")
@@ -383,11 +404,28 @@ class EmbeddedMemory:
             del self._channels[k]
         return bool(dead)
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
+        """Write the file; False (warned once, until a save succeeds) when it cannot be written."""
         if self.path is None:
-            return
-        with atomic_file(self.path) as f:
-            json.dump({"version": 1, "channels": self._channels}, f, ensure_ascii=False)
+            return True
+        try:
+            with atomic_file(self.path) as f:
+                json.dump({"version": 1, "channels": self._channels}, f, ensure_ascii=False)
+        except OSError as exc:
+            if not self._unsaved:
+                self._unsaved = True
+                log.warning("conversation memory: %s cannot be written (%s); remembering in this "
+                            "process only", self.path, exc.strerror or type(exc).__name__)
+            return False
+        if self._unsaved:
+            self._unsaved = False
+            log.info("conversation memory: %s is written again", self.path)
+        return True
+
+    def _save_deletion(self) -> None:
+        """A deletion that is not on disk is not done: it would come back with the next start."""
+        if not self._save():
+            raise MemoryUnavailable(f"{self.path} cannot be written")
 
     async def recall(self, key: ChannelKey) -> tuple[list[Turn], int]:
         if self._drop_expired():
@@ -416,7 +454,7 @@ class EmbeddedMemory:
             drop += 1
         ch["turns"] = items[drop:]
         ch["expires"] = self.clock() + self.ttl_s
-        self._save()
+        self._save()  # remembered in this process even when the disk is full
         return True
 
     async def reset(self, key: ChannelKey) -> None:
@@ -429,7 +467,7 @@ class EmbeddedMemory:
             "turns": [],
             "expires": self.clock() + self.ttl_s,
         }
-        self._save()
+        self._save_deletion()
 
     async def forget_user(self, persona: str, author_id: str) -> int:
         self._drop_expired()
@@ -440,11 +478,36 @@ class EmbeddedMemory:
             kept = [item for item in ch["turns"] if item["a"] != author_id]
             removed += len(ch["turns"]) - len(kept)
             ch["turns"] = kept
-        self._save()
+        self._save_deletion()
         return removed
 
     async def close(self) -> None:
         return None
+
+
+_CHANNEL_FIELDS: dict[str, Any] = {"persona": str, "epoch": int, "turns": list}
+_TURN_FIELDS: dict[str, Any] = {
+    "t": (int, float), "a": str, "n": str, "x": str, "p": bool, "at": (int, float)}
+
+
+def _checked_channels(data: Any) -> dict[str, dict[str, Any]]:
+    """The channels of a memory file's JSON, every field checked: valid JSON of another shape
+    (a list, a number where a turn should be) raises TypeError here, not later mid-chat."""
+    channels = data.get("channels") if isinstance(data, dict) else None
+    if not isinstance(channels, dict):
+        raise TypeError("no channels object")
+    for ch in channels.values():
+        _check_fields(ch, _CHANNEL_FIELDS)
+        if not isinstance(ch.get("expires", 0), int | float):
+            raise TypeError("expires is not a number")
+        for item in ch["turns"]:
+            _check_fields(item, _TURN_FIELDS)
+    return channels
+
+
+def _check_fields(item: Any, fields: dict[str, Any]) -> None:
+    if not isinstance(item, dict) or not all(isinstance(item.get(k), t) for k, t in fields.items()):
+        raise TypeError("an entry of the wrong shape")
 
 
 def open_memory(redis: Any | None, path: Path | None, **bounds: Any) -> Memory:

@@ -1,8 +1,9 @@
 """A generation backend that asks an OpenAI-compatible server (vLLM, llama.cpp's server,
 `clone serve-model`) for the clone's next turn, so the model can live on another machine.
 
-It drops in wherever `LocalBackend` does: `await backend.generate(messages) -> str`, and a
-saturated server (HTTP 429 or 503) raises `Busy`, which the engine answers politely.
+It drops in wherever `LocalBackend` does: `await backend.generate(messages) -> Generated`. A
+saturated server (HTTP 429 or 503) raises `Busy`, and an unreachable or failing one `Unavailable`
+(naming the url and what failed, never message text); the engine answers both politely.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from bot.engine import Busy, Generated
+from bot.engine import Busy, Generated, Unavailable
 
 log = logging.getLogger(__name__)
 _BUSY_STATUSES = {429, 503}
@@ -57,18 +58,18 @@ class OpenAIBackend:
         try:
             response = await self._http().post(url, json=body)
         except httpx.TimeoutException:
-            raise RuntimeError(f"LLM server {url} timed out after {self.timeout_s}s") from None
+            raise Unavailable(f"LLM server {url} timed out after {self.timeout_s}s") from None
         except httpx.HTTPError as e:  # the error's text may name the url, never a message
-            raise RuntimeError(f"LLM server {url} unreachable ({type(e).__name__})") from None
+            raise Unavailable(f"LLM server {url} unreachable ({type(e).__name__})") from None
         if response.status_code in _BUSY_STATUSES:
             raise Busy
         if response.status_code != 200:
             # The body may echo the prompt back: name only the status.
-            raise RuntimeError(f"LLM server {url} answered HTTP {response.status_code}")
+            raise Unavailable(f"LLM server {url} answered HTTP {response.status_code}")
         try:
             content, finish = _content(response.json())
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RuntimeError(f"LLM server {url} sent a reply that is not a chat completion") from None
+            raise Unavailable(f"LLM server {url} sent a reply that is not a chat completion") from None
         log.debug("LLM reply from %s: %d chars, finish_reason=%s", url, len(content), finish)  # no text
         return Generated(content, truncated=finish == "length")
 

@@ -4,6 +4,10 @@ Bots on other machines reach it with OpenAIBackend (or any OpenAI client). Concu
 are batched by LocalBackend's queue; a full queue answers 429, which OpenAIBackend turns back
 into `Busy`. Sampling settings are the server's own (GenerationSettings): a request's
 max_tokens/temperature are accepted and ignored, so all requests can share one batch.
+
+A request's conversation is cut to PROMPT_TOKENS before it is encoded (each text by characters
+first, its end kept; then the oldest turns after the system prompt go), so that the 1 MB a body
+may hold costs what a full prompt costs, not minutes of attention.
 """
 
 from __future__ import annotations
@@ -12,17 +16,20 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from bot.engine import Busy
 from bot.generation import LocalBackend
+from training.base_model import token_counter
 from training.encode import encode
-from training.prompt import turn_text
+from training.prompt import CHARS_PER_TOKEN, keep_end, keep_end_within, turn_text
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
+PROMPT_TOKENS = 2048  # four times a bot's own prompt budget: room for clients that keep more
 _BACKEND = web.AppKey("backend", LocalBackend)
 _MODEL = web.AppKey("model_name", str)
 
@@ -55,6 +62,26 @@ def _validate(body: Any) -> list[dict[str, str]] | str:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def fit(messages: list[dict[str, str]], count_tokens: Callable[[str], int],
+        budget: int = PROMPT_TOKENS) -> list[dict[str, str]]:
+    """The system prompt (when first) and the latest messages that fit `budget` tokens, counted
+    from the newest back so a long conversation is never tokenized whole; the newest alone over
+    the budget keeps its end. Each text is cut by characters first (see keep_end)."""
+    messages = [{**m, "content": keep_end(m["content"], budget * CHARS_PER_TOKEN)} for m in messages]
+    head = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
+    used = sum(count_tokens(m["content"]) + 6 for m in head)  # 6: the template's markers
+    kept: list[dict[str, str]] = []
+    for m in reversed(messages[len(head):]):
+        size = count_tokens(m["content"]) + 6
+        if used + size > budget:
+            if not kept:
+                kept.append({**m, "content": keep_end_within(m["content"], count_tokens, budget - used - 6)})
+            break
+        kept.append(m)
+        used += size
+    return head + kept[::-1]
+
+
 async def chat_completions(request: web.Request) -> web.Response:
     backend, model_name = request.app[_BACKEND], request.app[_MODEL]
     try:
@@ -64,12 +91,13 @@ async def chat_completions(request: web.Request) -> web.Response:
     messages = _validate(body)
     if isinstance(messages, str):
         return _bad_request(messages)
+    messages = fit(messages, token_counter(backend.tokenizer))
     try:
         raw = await backend.generate(messages)
     except Busy:
         return _error(429, "the model is busy; try again shortly", "rate_limit_error")
-    except Exception:  # generation failed: LocalBackend logged it (without message text)
-        log.warning("A chat completion failed", exc_info=True)
+    except Exception as e:  # LocalBackend logged the batch; the class only: its text could quote a prompt
+        log.warning("A chat completion failed (%s)", type(e).__name__)
         return _error(500, "generation failed", "server_error")
     content = turn_text(raw.text)
     finish = "length" if raw.truncated else "stop"

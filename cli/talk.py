@@ -7,10 +7,14 @@ import asyncio
 import contextlib
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from cli.common import CliError, Session, open_session, using
 from cli.options import HelpFormatter, add_model_options, add_persona_option
 from training import adapters
+
+if TYPE_CHECKING:  # the bot is imported inside the commands: `clone --help` stays instant
+    from bot.engine import Engine
 
 
 def model_choice(session: Session, args: argparse.Namespace):
@@ -42,6 +46,21 @@ def say_using(session: Session, args: argparse.Namespace) -> None:
 # -- clone chat ---------------------------------------------------------------------------------
 
 
+async def run_command(engine: Engine, text: str) -> str:
+    """The line that answers /reset or /forget; one that could not be carried out says so."""
+    from bot.memory import MemoryUnavailable
+
+    try:
+        if text == "/reset":
+            await engine.reset("terminal", "local")
+            return "(conversation forgotten)"
+        removed = await engine.forget("terminal-user")
+        return f"(deleted {removed} of your messages from memory)"
+    except MemoryUnavailable:
+        what = "forget this conversation" if text == "/reset" else "delete your messages"
+        return f"(I couldn't {what} right now: memory unavailable; try again in a minute)"
+
+
 async def chat_loop(session: Session, args: argparse.Namespace) -> None:
     from bot.engine import Delivery, Incoming
 
@@ -60,12 +79,8 @@ async def chat_loop(session: Session, args: argparse.Namespace) -> None:
             if not line or line.strip() == "/quit":
                 break
             text = line.strip()
-            if text == "/reset":
-                await engine.reset("terminal", "local")
-                print("(conversation forgotten)", flush=True)
-            elif text == "/forget":
-                removed = await engine.forget("terminal-user")
-                print(f"(deleted {removed} of your messages from memory)", flush=True)
+            if text in ("/reset", "/forget"):
+                print(await run_command(engine, text), flush=True)
             elif text:
                 incoming = Incoming("terminal", "local", "terminal-user", "you", text, is_dm=True)
                 for reply in await engine.handle(incoming):
@@ -110,6 +125,7 @@ async def serve_all(session: Session, args: argparse.Namespace, platforms, rules
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from bot.gate import GateSettingsError, Rules
+    from bot.serve import check_credentials
 
     session = open_session(args)
     platforms = session.settings.platforms()
@@ -118,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         rules = Rules.from_persona(session.persona)  # before the model loads: a typo fails in a second
     except GateSettingsError as e:
         raise CliError(str(e)) from None
+    asyncio.run(check_credentials(platforms, args.platform))  # a bad token, too, before the model loads
     say_using(session, args)
     asyncio.run(serve_all(session, args, platforms, rules))
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bot.engine import BUSY_REPLY, Engine, Incoming
 from bot.generation import GenerationSettings, LocalBackend
-from bot.memory import ChannelKey, EmbeddedMemory
-from tests.platform_helpers import free_port
+from bot.memory import ChannelKey, EmbeddedMemory, Turn
+from tests.platform_helpers import FixedBackend, free_port
 from training.base_model import load_model, resolve_base, token_counter
 from training.persona import Persona
 
@@ -100,8 +103,7 @@ def sample_copy(tmp_path) -> Path:
 
 
 def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp_path):
-    env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
-    env.pop("REDIS_URL", None)
+    env = chat_env(tmp_path)
     cmd = [sys.executable, "-m", "cli", "chat", "--persona", str(sample_copy(tmp_path)),
            "--base", str(tiny_base)]
     first = subprocess.run(cmd, input="hello clone\n/quit\n", capture_output=True, text=True, env=env,
@@ -124,49 +126,61 @@ def test_terminal_chat_with_piped_input_remembers_across_restarts(tiny_base, tmp
     assert "hello clone" not in (tmp_path / "memory.json").read_text()
 
 
-def test_chat_through_a_served_model_over_http_never_loads_torch(tiny_base, tmp_path):
-    import time
+def chat_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `clone` process: memory in the test's folder, no Redis unless `extra`
+    names one."""
+    env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
+    env.pop("REDIS_URL", None)
+    return {**env, **extra}
+
+
+@contextlib.contextmanager
+def served_model(tiny_base, persona: Path, tmp_path: Path, *flags: str) -> Iterator[str]:
+    """`clone [flags] serve-model` on a free port, its stderr in tmp_path/serve-model.err; yields
+    its /v1 url once it answers."""
     import urllib.request
 
     port = free_port()
+    with (tmp_path / "serve-model.err").open("w") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cli", *flags, "serve-model", "--port", str(port), "--base",
+             str(tiny_base), "--persona", str(persona)],
+            cwd=REPO, env=chat_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert server.poll() is None, "serve-model exited"
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "serve-model never answered"
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+
+
+def test_chat_through_a_served_model_over_http_never_loads_torch(tiny_base, tmp_path):
     persona = sample_copy(tmp_path)
-    env = {**os.environ, "CLONE_MEMORY_FILE": str(tmp_path / "memory.json")}
-    env.pop("REDIS_URL", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve-model", "--port", str(port), "--base", str(tiny_base),
-         "--persona", str(persona)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, "serve-model exited"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "serve-model never answered"
-                time.sleep(0.2)
+    with served_model(tiny_base, persona, tmp_path) as url:
         # -X importtime lists every module the chat process imports, on stderr.
         chat = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "cli", "chat", "--persona", str(persona)],
             input="hi over http\n", capture_output=True, text=True, cwd=REPO, timeout=120,
-            env={**env, "LLM_BASE_URL": f"http://127.0.0.1:{port}/v1"},
+            env=chat_env(tmp_path, LLM_BASE_URL=url),
         )
-        assert chat.returncode == 0, chat.stderr
-        assert f"(server http://127.0.0.1:{port}/v1)" in chat.stdout
-        assert "hi over http" in (tmp_path / "memory.json").read_text()
-        imported = {line.rsplit("|", 1)[-1].strip() for line in chat.stderr.splitlines() if "|" in line}
-        assert "bot.openai_backend" in imported
-        assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    assert chat.returncode == 0, chat.stderr
+    assert f"(server {url})" in chat.stdout
+    assert "hi over http" in (tmp_path / "memory.json").read_text()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in chat.stderr.splitlines() if "|" in line}
+    assert "bot.openai_backend" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}
 
 
 def test_the_engine_still_answers_while_redis_is_unreachable(tiny_base, tokenizer, tmp_path, caplog):
-    import time
-
     from bot.memory import RedisMemory
 
     port = free_port()  # nothing listens on it
@@ -213,3 +227,60 @@ def test_a_reply_cut_by_the_token_cap_is_trimmed_before_it_is_sent(tiny_base, to
     assert generated.truncated
     assert replies == to_messages(generated.text, truncated=True)
     assert replies != to_messages(generated.text)  # what would have been sent before: cut off
+
+
+# A `clone chat` that reports its own peak memory (kB) on its last stderr line. VmHWM, not
+# ru_maxrss: Linux carries the parent's (pytest's) peak into a child's ru_maxrss across exec.
+MEASURED_CHAT = ("import sys; from cli.main import main; rc = main(sys.argv[1:]); "
+                 "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]; "
+                 "print(f'maxrss_kb={hwm}', file=sys.stderr); sys.exit(rc)")
+
+
+def huge_message(chars: int = 1_000_000) -> str:
+    """Ordinary words (about 4 characters a token) between two markers: the start and the end."""
+    words = " ".join(("the plan is simple we meet at noon and talk about everything else " * 20000).split())
+    return "FIRST-WORDS " + words[: chars - 23] + " LAST-WORDS"
+
+
+def test_a_million_character_message_gets_a_reply_in_bounded_time_and_memory(tiny_base, tmp_path):
+    env = chat_env(tmp_path)
+    text = huge_message()
+    assert len(text) == 1_000_000
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED_CHAT, "chat", "--persona", str(sample_copy(tmp_path)), "--base",
+         str(tiny_base)], input=f"{text}\nand a short one\n", capture_output=True, text=True, env=env,
+        cwd=REPO, timeout=180)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stderr.rsplit("maxrss_kb=", 1)[1]) / 1024
+    # A short chat takes 10-20 s and 450 MB here; before the cut this ran for minutes, in gigabytes.
+    assert took < 90 and peak_mb < 800, (took, peak_mb)
+    turns = json.loads((tmp_path / "memory.json").read_text())["channels"]
+    [channel] = turns.values()
+    said = [t["x"] for t in channel["turns"] if not t["p"]]
+    assert said[-1] == "and a short one"  # the chat went on
+    # What was kept of the long one is its end, cut to what a prompt could hold.
+    assert said[0].startswith("…") and said[0].endswith("LAST-WORDS") and "FIRST-WORDS" not in said[0]
+    assert len(said[0]) <= 512 * 8
+
+
+def test_a_message_over_the_prompt_budget_alone_keeps_its_end_within_the_budget(tokenizer, count_tokens):
+    engine = Engine(PERSONA, FixedBackend(), EmbeddedMemory(None), count_tokens, prompt_tokens=200)
+    history = [Turn("u1", "Ana", "an earlier message", False, 1.0)]
+    messages = engine.prompt(history, Incoming("terminal", "c1", "u1", "Ana", huge_message(20_000)))
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[-1]["content"].startswith("…") and messages[-1]["content"].endswith("LAST-WORDS")
+    size = sum(count_tokens(m["content"]) + 6 for m in messages)
+    assert 150 < size <= 200  # cut to the budget, not far below it
+
+
+def test_a_persona_toml_that_is_a_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    from cli.main import main
+
+    (tmp_path / "persona.toml").mkdir()
+    assert main(["chat", "--persona", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    where = tmp_path / "persona.toml"
+    assert err.splitlines() == [f"clone chat: error: {where}: is a folder, not a settings file"]
+    assert out == ""

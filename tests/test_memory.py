@@ -20,6 +20,7 @@ from bot.memory import (
     ChannelKey,
     EmbeddedMemory,
     Memory,
+    MemoryUnavailable,
     RedisMemory,
     Turn,
     open_memory,
@@ -343,6 +344,36 @@ def test_embedded_in_memory_only_and_corrupt_file(tmp_path, caplog):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("content", [
+    "[]", "5", "null", '"memory"', "{}", '{"channels": []}', '{"channels": {"k": 5}}',
+    '{"channels": {"k": {"persona": "p", "epoch": 0, "turns": [5]}}}',
+    '{"channels": {"k": {"persona": "p", "epoch": 0, "turns": "abc"}}}',
+    '{"channels": {"k": {"persona": "p", "epoch": "1", "turns": []}}}',
+    '{"channels": {"k": {"persona": "p", "epoch": 0, "expires": "soon", "turns": []}}}',
+    '{"channels": {"k": {"persona": "p", "epoch": 0, "expires": 2e9, "turns": [{"t": 1, "a": "u1"}]}}}',
+    '{"channels": {"k": {"persona": "p", "epoch": 0, "expires": 2e9, "turns": '
+    '[{"t": 1, "a": 7, "n": "Ana", "x": "hi", "p": false, "at": 1}]}}}',
+])
+def test_a_memory_file_of_the_wrong_shape_is_moved_aside_and_memory_starts_empty(tmp_path, caplog, content):
+    path = tmp_path / "memory.json"
+    path.write_text(content)
+    key = ChannelKey("p", "terminal", "local")
+
+    async def go():
+        with caplog.at_level(logging.WARNING, logger="bot.memory"):
+            mem = EmbeddedMemory(path, clock=Clock())
+        assert await mem.recall(key) == ([], 0)
+        assert await mem.append(key, [turn("fresh start")])
+        await mem.forget_user("p", "nobody")
+        await mem.reset(ChannelKey("p", "terminal", "other"))
+        return texts((await EmbeddedMemory(path, clock=Clock()).recall(key))[0])
+
+    assert asyncio.run(go()) == ["fresh start"]
+    assert (tmp_path / "memory.json.corrupt").read_text() == content
+    [warning] = caplog.records
+    assert "moved to" in warning.getMessage() and warning.levelno == logging.WARNING
+
+
 def test_open_memory_picks_redis_over_the_shared_client_else_the_file(tmp_path):
     from bot.memory import connect_redis
 
@@ -371,9 +402,12 @@ def test_rediss_url_is_accepted():
 # --- outage -------------------------------------------------------------------------------------------
 
 
-def _start_redis(port: int) -> subprocess.Popen:
+def start_redis(port: int, data: Path | None = None) -> subprocess.Popen:
+    """A redis-server of the test's own; with `data`, it keeps its data there across restarts."""
+    keep = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data)] if data else [
+        "--appendonly", "no"]
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *keep],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -394,7 +428,7 @@ def _start_redis(port: int) -> subprocess.Popen:
 
 def test_outage_degrades_quietly_and_recovers(caplog):
     port = free_port()
-    proc = _start_redis(port)
+    proc = start_redis(port)
     secret = "SECRET-MESSAGE-TEXT"
 
     async def timed(coro):
@@ -416,12 +450,15 @@ def test_outage_degrades_quietly_and_recovers(caplog):
         for _ in range(3):
             assert await timed(mem.recall(key)) == ([], 0)
             assert await timed(mem.append(key, [turn(secret)])) is False
-            await timed(mem.reset(key))
+            with pytest.raises(MemoryUnavailable):  # a reset that did not happen is never "done"
+                await timed(mem.reset(key))
+            with pytest.raises(MemoryUnavailable):
+                await timed(mem.forget_user("p", "u1"))
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         assert [r for r in caplog.records if r.levelno > logging.WARNING] == []
 
-        proc = _start_redis(port)
+        proc = start_redis(port)
         assert await timed(mem.append(key, [turn("back")])) is True
         assert texts((await mem.recall(key))[0]) == ["back"]
         infos = [r for r in caplog.records if r.levelno == logging.INFO and "again" in r.getMessage()]
@@ -440,7 +477,7 @@ def test_outage_degrades_quietly_and_recovers(caplog):
 
 def test_stalled_server_costs_one_short_timeout(caplog):
     port = free_port()
-    proc = _start_redis(port)
+    proc = start_redis(port)
 
     async def go():
         mem = RedisMemory(f"redis://127.0.0.1:{port}/0")

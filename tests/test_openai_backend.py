@@ -14,7 +14,7 @@ from bot.engine import Busy, Engine, Generated, Incoming
 from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory
 from bot.openai_backend import OpenAIBackend, backend_from_env
-from bot.serve_model import make_app
+from bot.serve_model import PROMPT_TOKENS, fit, make_app
 from training.base_model import load_model, resolve_base, token_counter
 from training.persona import Persona
 from training.prompt import turn_text
@@ -259,3 +259,43 @@ def test_backend_from_env():
         "http://gpu:8000/v1", "clone", "k", 32)
     named = backend_from_env({"LLM_BASE_URL": "http://x/v1", "LLM_MODEL": "sam"})
     assert named is not None and named.model == "sam" and named.api_key is None
+
+
+def test_a_megabyte_body_is_cut_to_the_prompt_budget_before_it_is_encoded(tiny_model, tokenizer):
+    """The 1 MB a body may hold, as one message or as hundreds of long ones: answered in seconds,
+    from a prompt of at most PROMPT_TOKENS (plus the generation prompt), the system prompt kept."""
+    backend = local(tiny_model, tokenizer)
+    prompts: list[list[dict[str, str]]] = []
+    real = backend.generate_batch
+    backend.generate_batch = lambda conversations: prompts.extend(conversations) or real(conversations)
+    words = " ".join(("we meet at noon and talk about everything " * 25000).split())
+    one = [HELLO[0], {"role": "user", "content": "FIRST " + words[:999_000] + " LAST"}]
+    many = [HELLO[0]] + [{"role": ("user", "assistant")[i % 2], "content": f"{i} {words[:900]}"}
+                         for i in range(1000)]
+
+    async def scenario():
+        async with server(backend) as url, httpx.AsyncClient(timeout=120) as http:
+            out = []
+            for messages in (one, many):
+                started = time.monotonic()
+                response = await http.post(f"{url}/chat/completions", json={"messages": messages})
+                out.append((response, time.monotonic() - started))
+            return out
+
+    for response, took in asyncio.run(scenario()):
+        assert response.status_code == 200 and took < 30
+        assert 1500 < response.json()["usage"]["prompt_tokens"] <= PROMPT_TOKENS + 10
+    cut_one, cut_many = prompts
+    assert cut_one[0] == HELLO[0] and cut_many[0] == HELLO[0]
+    assert cut_one[1]["content"].startswith("…") and cut_one[1]["content"].endswith(" LAST")
+    assert cut_many[-1]["content"].startswith("999 ")  # the latest messages are the ones kept
+    assert 5 < len(cut_many) < 20
+
+
+def test_fit_keeps_a_conversation_that_fits_as_it_is(count_tokens):
+    conversation = [HELLO[0], *({"role": r, "content": f"message {i}"}
+                                for i, r in enumerate(["user", "assistant", "user"]))]
+    assert fit(conversation, count_tokens, 100) == conversation
+    assert fit(conversation, count_tokens, 20) == [HELLO[0], conversation[-1]]
+    alone = [{"role": "user", "content": "hello"}]
+    assert fit(alone, count_tokens, 100) == alone

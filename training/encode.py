@@ -2,13 +2,15 @@
 
 The chat template renders a sample exactly as serving will; the person's turns (and the
 end-of-turn token that closes each, so the clone learns when to stop) are the only labels.
-Finding those spans in the rendered text keeps this template-agnostic, where TRL's
+Finding those spans in the rendered text (each message's text stood in for by a placeholder, so
+no text a user types can move them) keeps this template-agnostic, where TRL's
 `assistant_only_loss` needs `{% generation %}` markers that SmolLM2's template lacks.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,12 @@ class Encoded:
     labels: list[int]
 
 
+_REWRITES = (
+    "this model's chat template rewrites message text (e.g. trims it), so the person's turns "
+    "cannot be located for the loss mask; use a template that keeps it"
+)
+
+
 def encode(
     messages: list[dict[str, str]], tokenizer, max_length: int | None = None,
     add_generation_prompt: bool = False,
@@ -34,39 +42,63 @@ def encode(
     tokenized with special tokens split into plain pieces, so a user who types
     `<|im_start|>system` gets those characters, never a new role.
     """
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
     ids: list[int] = []
     labels: list[int] = []
     closes_turn = False  # the next template token ends the person's turn: learn to stop, too
 
     def add(segment: str, is_content: bool, learn: bool) -> None:
         nonlocal closes_turn
-        if not segment:
-            return
-        piece = tokenizer(segment, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+        piece: list[int] = []
+        if segment:
+            piece = tokenizer(segment, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE] * len(piece))
-        if closes_turn and not is_content:
+        if piece and closes_turn and not is_content:
             labels[len(labels) - len(piece)] = piece[0]
-        closes_turn = learn
+        if piece or is_content:  # an empty turn of the person's still learns its end
+            closes_turn = learn
 
-    cursor = 0
-    for m in messages:
-        start = text.find(m["content"], cursor)
-        if start < 0:
-            raise ValueError(
-                "this model's chat template rewrites message text (e.g. trims it), so the "
-                "person's turns cannot be located for the loss mask; use a template that keeps it"
-            )
-        add(text[cursor:start], is_content=False, learn=False)
-        add(m["content"], is_content=True, learn=m["role"] == "assistant")
-        cursor = start + len(m["content"])
-    add(text[cursor:], is_content=False, learn=False)
+    layout, tail = _layout(messages, tokenizer, add_generation_prompt)
+    for before, i in layout:
+        add(before, is_content=False, learn=False)
+        add(messages[i]["content"], is_content=True, learn=messages[i]["role"] == "assistant")
+    add(tail, is_content=False, learn=False)
     if max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels)
+
+
+def _layout(
+    messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool,
+) -> tuple[list[tuple[str, int]], str]:
+    """The rendered chat cut around each message's text: (the template's text before it, the
+    message's index) in rendered order, and the template's text after the last.
+
+    The template is rendered with a placeholder no message contains in place of each text, so
+    the cut never depends on what a message says: searching for the text itself would match the
+    template's own markers when a user types them. Rendering the real chat too checks that the
+    template keeps each text as it is.
+    """
+    def render(chat: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    nonce = secrets.token_hex(16)
+    while any(nonce in m["content"] for m in messages):
+        nonce = secrets.token_hex(16)
+    holders = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
+    text = render([{**m, "content": h} for m, h in zip(messages, holders, strict=True)])
+    if any(text.count(h) != 1 for h in holders):
+        raise ValueError(_REWRITES)
+    layout, cursor = [], 0
+    for i in sorted(range(len(messages)), key=lambda i: text.index(holders[i])):
+        start = text.index(holders[i])
+        layout.append((text[cursor:start], i))
+        cursor = start + len(holders[i])
+    tail = text[cursor:]
+    if "".join(before + messages[i]["content"] for before, i in layout) + tail != render(messages):
+        raise ValueError(_REWRITES)
+    return layout, tail
 
 
 def load_jsonl(path: Path) -> list[dict]:

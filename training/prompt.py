@@ -8,13 +8,16 @@ exactly the shape it was trained on. Any change to what this module renders must
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from training.persona import Persona
 
 CONTRACT_VERSION = 1
 QUOTE_CHARS = 80  # a quoted message is cut to this many characters
+# Twice what chat text averages per token with SmolLM2's tokenizer (4.1 characters): text cut to
+# a token budget times this still holds all the budget can, and costs little to tokenize.
+CHARS_PER_TOKEN = 8
 # Anything shaped like a chat-template marker ends a generated turn: the model would be starting
 # another one. The one end-of-turn rule, for the bots and for `clone serve-model` alike.
 TURN_END = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?s>|\[/?INST\]", re.IGNORECASE)
@@ -71,3 +74,22 @@ def turn_text(generated: str) -> str:
     """The generated text up to where the turn ends (the first template marker), if it does."""
     end = TURN_END.search(generated)
     return generated[: end.start()] if end else generated
+
+
+def keep_end(text: str, max_chars: int) -> str:
+    """`text`, or when it is longer than `max_chars`, an ellipsis and its last characters. The
+    start goes: a message's end (its question, its latest words) is what a reply answers, as the
+    latest turns are what a conversation keeps."""
+    if len(text) <= max_chars:
+        return text
+    return "…" + text[len(text) - max_chars + 1 :] if max_chars > 0 else ""
+
+
+def keep_end_within(text: str, count_tokens: Callable[[str], int], max_tokens: int) -> str:
+    """The end of `text` (as `keep_end` cuts it) that counts at most `max_tokens` tokens. Cut by
+    characters first, so even a megabyte of text is tokenized only a few thousand characters at a
+    time."""
+    text = keep_end(text, max(0, max_tokens) * CHARS_PER_TOKEN)
+    while text and (tokens := count_tokens(text)) > max_tokens:
+        text = keep_end(text, min(len(text) - 1, len(text) * max_tokens // tokens))
+    return text
