@@ -10,6 +10,7 @@ lengths and timings only, never message text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -23,12 +24,15 @@ from discord import app_commands
 from bot.chunks import DISCORD_LIMIT, split_message
 from bot.conversation import Conversation, Inbound, Platform, command_in
 from bot.engine import Engine
-from bot.gate import Gate, Sender
+from bot.gate import Gate, Sender, Stopping
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
 DISCORD = Platform(PLATFORM, "channel", "a DM, or mention me / reply to me in a server channel")
 NO_PINGS = discord.AllowedMentions.none()
+SELF_BOT = ("DISCORD_TOKEN belongs to a user account, not a bot; self-bots are not allowed. "
+            "Create a bot in the Discord developer portal and use its token.")
+RESTARTING = "I'm restarting; try again in a moment."
 
 
 class SelfBotRefused(RuntimeError):
@@ -55,6 +59,7 @@ class CloneClient(discord.Client):
         intents.message_content = True  # privileged: enable it in the developer portal too
         super().__init__(intents=intents, allowed_mentions=NO_PINGS, **options)
         self.conversation = conversation
+        self.in_flight: set[asyncio.Task] = set()  # messages being answered, for a graceful stop
         self.tree = app_commands.CommandTree(self)
         for name, description in DISCORD.menu().items():
             self.tree.add_command(_slash_command(self, name, description))
@@ -62,10 +67,7 @@ class CloneClient(discord.Client):
     async def setup_hook(self) -> None:
         """After login, before the gateway: a user token is refused here, never brought online."""
         if self.user is not None and not self.user.bot:
-            raise SelfBotRefused(
-                "DISCORD_TOKEN belongs to a user account, not a bot; self-bots are not allowed. "
-                "Create a bot in the Discord developer portal and use its token."
-            )
+            raise SelfBotRefused(SELF_BOT)
         try:  # register the slash commands; the text forms work without them
             await self.tree.sync()
         except discord.HTTPException as e:  # e.g. invited without the applications.commands scope
@@ -88,18 +90,37 @@ class CloneClient(discord.Client):
         if not text:
             return
         inbound = Inbound(_sender(message), message.author.display_name, text, is_dm, command_in(text))
-        # No await before this: the flow takes the channel's turn first thing.
-        await self.conversation.handle(inbound, DiscordChat(message))
+        chat, task = DiscordChat(message), asyncio.current_task()
+        assert task is not None
+        self.in_flight.add(task)
+        try:  # No await before this: the flow takes the channel's turn first thing.
+            # Handed over: released for a process that sees it too (Discord never delivers it again).
+            await self.conversation.gate.answer_or_hand_over(
+                inbound.sender, self.conversation.handle(inbound, chat), lambda: chat.sending,
+                lambda: None)
+        finally:
+            self.in_flight.discard(task)
+
+    async def finish(self) -> None:
+        """Until the messages being answered are done (or cancelled)."""
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
 
     async def on_slash(self, interaction: discord.Interaction, command: str) -> None:
         """A slash command, answered at once (Discord wants an answer within 3 s)."""
         guild_id = str(interaction.guild_id) if interaction.guild_id else None
         sender = Sender(PLATFORM, str(interaction.user.id), str(interaction.channel_id),
                         str(interaction.id), guild_id)
-        reply = await self.conversation.answer_command(command, sender)
-        if reply is not None:  # None: another process took it
-            await interaction.response.send_message(reply.text, ephemeral=reply.private,
-                                                    allowed_mentions=NO_PINGS)
+        try:
+            reply = await self.conversation.answer_command(command, sender)
+        except Stopping:  # Discord wants an answer now; this process will give none
+            await interaction.response.send_message(RESTARTING, ephemeral=True)
+            return
+        try:
+            if reply is not None:  # None: another process took it
+                await interaction.response.send_message(reply.text, ephemeral=reply.private,
+                                                        allowed_mentions=NO_PINGS)
+        finally:
+            await self.conversation.gate.settle(sender)
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         # Never fatal; the exception's class only: its text could quote a message.
@@ -118,8 +139,10 @@ class DiscordChat:
 
     def __init__(self, message: discord.Message) -> None:
         self.message = message
+        self.sending = False  # once true, part of the reply may have reached the channel
 
     async def send(self, texts: list[str], quote: bool = False) -> int:
+        self.sending = True
         return await _send_all(self.message.channel, texts, self.message if quote else None)
 
     @contextlib.asynccontextmanager

@@ -19,15 +19,24 @@ and in this process otherwise. The gate knows platforms only as names and ids, l
     introduce = true          # the first reply in a chat starts with the /about text
 
 The owner is always answered and never rate limited; a block list beats an allow list.
+
+A claim names the process answering the message until it is `settle`d. A process that stops
+(`drain`) admits nothing more and hands over what it has not begun to answer: it releases those
+claims. So while two processes overlap (a deploy), the one that finds a message claimed by the
+other and not settled waits: for the reply (then it is a duplicate) or the release (then it is
+its own to answer). The one answering it may be stopped before it replies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
 import time
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -41,6 +50,9 @@ PLATFORMS = ("telegram", "discord")
 DEFAULT_MESSAGES_PER_MINUTE = 6
 SEEN_TTL_S = 24 * 3600  # a platform re-delivers a message within minutes, not days
 INTRODUCED_TTL_S = 365 * 24 * 3600  # a chat hears "I'm an AI clone" again after a year of silence
+CLAIM_WAIT_S = 120.0  # how long to wait for another process's reply (a busy CPU takes a while)
+CLAIM_POLL_S = 0.25
+SETTLED = "answered"  # a claim's value once its message is answered (else "<process>:<message>")
 RATE_LIMIT_REPLY = (
     "You're sending messages faster than I can keep up with. Give me a minute, then try again."
 )
@@ -51,6 +63,10 @@ _ID_LISTS = ("owner", "allow_users", "block_users", "allow_chats", "block_chats"
 
 class GateSettingsError(ValueError):
     """A [serve] setting that is wrong; the message names the file and the key."""
+
+
+class Stopping(Exception):
+    """This process is stopping: the message is left to the next one, unclaimed."""
 
 
 class Verdict(Enum):
@@ -113,8 +129,10 @@ class Rules:
                     )
             lists[key] = frozenset(item.strip() for item in value)
         rate = table.get("messages_per_minute", DEFAULT_MESSAGES_PER_MINUTE)
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
-            raise GateSettingsError(f"{where}: `messages_per_minute` must be a number >= 0 (0: no limit)")
+        # nan would compare as "over the limit" (or raise in Redis' Lua) for every message.
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < math.inf:
+            raise GateSettingsError(
+                f"{where}: `messages_per_minute` must be a finite number >= 0 (0: no limit)")
         about = table.get("about")
         if about is not None and (not isinstance(about, str) or not about.strip()):
             raise GateSettingsError(f"{where}: `about` must be a non-empty string")
@@ -150,19 +168,33 @@ class LocalState:
     """The gate's state in this process: enough for one process (and embedded memory)."""
 
     def __init__(self, max_seen: int = 100_000) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[str, tuple[float, str]] = OrderedDict()  # key -> (expiry, holder)
         self._buckets: dict[str, tuple[float, float, bool]] = {}  # key -> (tokens, at, warned)
         self.max_seen = max_seen
 
-    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True) -> bool:
+    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True,
+                    holder: str = "1") -> bool:
         now = time.monotonic()
-        while self._seen and (len(self._seen) >= self.max_seen or next(iter(self._seen.values())) < now):
+        while self._seen and (len(self._seen) >= self.max_seen or next(iter(self._seen.values()))[0] < now):
             self._seen.popitem(last=False)  # oldest first: bounded, whatever the TTLs
-        if self._seen.get(key, 0.0) >= now:
+        if self._seen.get(key, (0.0, ""))[0] >= now:
             return False
         self._seen.pop(key, None)  # an expired one goes back to the end
-        self._seen[key] = now + ttl_s
+        self._seen[key] = (now + ttl_s, holder)
         return True
+
+    async def release(self, key: str, holder: str) -> None:
+        if self._seen.get(key, (0.0, ""))[1] == holder:
+            del self._seen[key]
+
+    async def settle(self, key: str, holder: str) -> None:
+        expiry, held = self._seen.get(key, (0.0, ""))
+        if held == holder:
+            self._seen[key] = (expiry, SETTLED)
+
+    async def holder(self, key: str) -> str | None:
+        """Who holds `key`; in one process there is no one else to wait for."""
+        return SETTLED if self._seen.get(key, (0.0, ""))[0] >= time.monotonic() else None
 
     async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
         tokens, at, warned = self._buckets.get(key, (capacity, now, False))
@@ -205,6 +237,20 @@ return result
 """
 
 
+# KEYS: 1 a claim. ARGV: 1 its holder. Deletes the claim only if that holder still has it.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: 1 a claim. ARGV: 1 its holder, 2 the settled value. Marks it answered, keeping its expiry.
+_SETTLE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl) end
+return 1
+"""
+
+
 class RedisState:
     """The gate's state in Redis, shared by every process serving this persona. One round trip per
     call. While Redis is unreachable the gate lets messages through: answering a message twice
@@ -215,6 +261,8 @@ class RedisState:
         self._owns_client = isinstance(redis, str)
         self.client = connect_redis(redis, timeout_s) if isinstance(redis, str) else redis
         self._take = self.client.register_script(_TAKE_LUA)
+        self._release = self.client.register_script(_RELEASE_LUA)
+        self._settle = self.client.register_script(_SETTLE_LUA)
         self._down = False
 
     async def _call(self, fallback: Any, coro) -> Any:
@@ -233,9 +281,22 @@ class RedisState:
             log.info("gate: Redis is reachable again")
         return result
 
-    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True) -> bool:
+    async def claim(self, key: str, ttl_s: float = SEEN_TTL_S, fallback: bool = True,
+                    holder: str = "1") -> bool:
         """Whether this call set `key` (it was not set); `fallback` while Redis is unreachable."""
-        return bool(await self._call(fallback, self.client.set(key, "1", nx=True, ex=int(ttl_s))))
+        return bool(await self._call(fallback, self.client.set(key, holder, nx=True, ex=int(ttl_s))))
+
+    async def release(self, key: str, holder: str) -> None:
+        """Delete the claim `key` if `holder` still holds it (never another process's)."""
+        await self._call(0, self._release(keys=[key], args=[holder]))
+
+    async def settle(self, key: str, holder: str) -> None:
+        await self._call(0, self._settle(keys=[key], args=[holder, SETTLED]))
+
+    async def holder(self, key: str) -> str | None:
+        """Who holds `key` (None: no one); SETTLED while Redis is unreachable: nothing to wait for."""
+        held = await self._call(SETTLED.encode(), self.client.get(key))
+        return held.decode() if isinstance(held, bytes) else held
 
     async def take(self, key: str, capacity: float, per_second: float, now: float) -> int:
         ttl_ms = int(capacity / per_second * 1000) + 1000  # a full refill, then the bucket is moot
@@ -253,21 +314,36 @@ class Gate:
     persona: str
     state: LocalState | RedisState = field(default_factory=LocalState)
     clock: Callable[[], float] = time.time
+    # Names this process in its claims, so that it releases its own and never another's.
+    process: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stopping: bool = False
+    claim_wait_s: float = CLAIM_WAIT_S
 
     def _key(self, kind: str, *parts: str) -> str:
         return ":".join(["clone", key_part(self.persona), kind, *(key_part(p) for p in parts)])
 
+    def _seen(self, sender: Sender) -> str:
+        return self._key("seen", sender.platform, sender.chat_id, sender.message_id)
+
+    def _holder(self, sender: Sender) -> str:
+        return f"{self.process}:{sender.message_id}"
+
+    def drain(self) -> None:
+        """Admit nothing more: every later `admit` raises Stopping."""
+        self.stopping = True
+
     async def admit(self, sender: Sender, *, deletion_request: bool = False) -> Verdict:
         """The verdict for one addressed message. Call it once per message: it claims the message
         id, so a second call (or another process) gets DUPLICATE. A deletion request (`/forget`)
-        is never refused: not for a blocked user, not over the rate limit."""
+        is never refused: not for a blocked user, not over the rate limit. Raises Stopping once
+        `drain` was called."""
+        if self.stopping:
+            raise Stopping
         if not deletion_request and not self.rules.allows(sender):
             log.info("gate: ignored %s user=%s chat=%s (access lists)", sender.platform, sender.user_id,
                      sender.chat_id)
             return Verdict.IGNORE
-        claimed = await self.state.claim(
-            self._key("seen", sender.platform, sender.chat_id, sender.message_id))
-        if not claimed:
+        if not await self._claim(sender):
             log.info("gate: %s chat=%s msg=%s already answered", sender.platform, sender.chat_id,
                      sender.message_id)
             return Verdict.DUPLICATE
@@ -281,13 +357,73 @@ class Gate:
         log.info("gate: rate limited %s user=%s", sender.platform, sender.user_id)
         return Verdict.LIMITED if taken == _WARN else Verdict.LIMITED_QUIET
 
+    async def _claim(self, sender: Sender) -> bool:
+        """Claim a message; while another process holds it unanswered, wait until it answers it
+        (False) or hands it over (then claim it), for `claim_wait_s` at most."""
+        key = self._seen(sender)
+        deadline, waited = time.monotonic() + self.claim_wait_s, False
+        while not await self.state.claim(key, holder=self._holder(sender)):
+            held = await self.state.holder(key)
+            if held is not None and (":" not in held or held.startswith(f"{self.process}:")
+                                     or time.monotonic() > deadline):
+                return False  # answered; or this process has it; an old version's claim; given up
+            if self.stopping:
+                raise Stopping
+            if held is not None:
+                if not waited:
+                    log.info("gate: %s chat=%s msg=%s is another process's: waiting for its reply",
+                             sender.platform, sender.chat_id, sender.message_id)
+                waited = True
+                await asyncio.sleep(CLAIM_POLL_S)
+        return True
+
     async def first_contact(self, sender: Sender) -> bool:
         """Whether the clone should introduce itself (once per chat) before its reply. Not while
         Redis is unreachable: better no introduction than one with every message."""
         if not self.rules.introduce:
             return False
         key = self._key("introduced", sender.platform, sender.chat_id)
-        return await self.state.claim(key, INTRODUCED_TTL_S, fallback=False)
+        return await self.state.claim(key, INTRODUCED_TTL_S, fallback=False, holder=self._holder(sender))
+
+    async def release(self, sender: Sender) -> None:
+        """Give back what this process claimed for this message (the message, and the chat's
+        introduction if it was to come with this reply), so that another process answers it."""
+        await self.state.release(self._seen(sender), self._holder(sender))
+        await self.state.release(self._key("introduced", sender.platform, sender.chat_id),
+                                 self._holder(sender))
+
+    async def settle(self, sender: Sender) -> None:
+        """Mark this process's claim on the message answered: a process waiting on it moves on."""
+        await self.state.settle(self._seen(sender), self._holder(sender))
+
+    async def answer_or_hand_over(
+        self, sender: Sender, flow: Awaitable[None], replying: Callable[[], bool],
+        handed_over: Callable[[], None],
+    ) -> None:
+        """Run `flow`, the conversation's handling of this message. While this process stops, a
+        message not yet admitted (Stopping), or cancelled at the end of the grace before any of its
+        reply went out (`replying()` false), is handed over: its claims released, `handed_over()`
+        told, for the platform to deliver it again to the next process. A reply begun is never
+        handed over: half a reply, then a whole one, is worse than half."""
+        handed = False
+        try:
+            await flow
+        except Stopping:
+            handed = True
+            handed_over()
+            log.info("gate: %s chat=%s msg=%s left to the next process", sender.platform,
+                     sender.chat_id, sender.message_id)
+        except asyncio.CancelledError:
+            if not replying():
+                handed = True
+                handed_over()
+                await self.release(sender)
+                log.info("gate: %s chat=%s msg=%s handed over at the end of the grace",
+                         sender.platform, sender.chat_id, sender.message_id)
+            raise
+        finally:
+            if not handed:  # answered, or failed trying: either way no one else should wait on it
+                await self.settle(sender)
 
     async def close(self) -> None:
         await self.state.close()

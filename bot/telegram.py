@@ -5,6 +5,11 @@ flow's `Inbound` and a `TelegramChat` that sends back to its chat. Private chats
 every text message; groups only when the bot is @mentioned, a message replies to one of its own,
 or the group is listed in `reply_in`. Edits are not new messages and are ignored. Logs carry ids,
 lengths and timings only, never message text.
+
+Telegram confirms every update below the `offset` a getUpdates call carries, and PTB's Updater
+moves the offset past what it fetched at once, before anything is answered. Here the offset
+stays at the oldest update not yet handled (`UpdateLedger`, kept by `LedgerBot` and
+`TrackedUpdates`), so that a process stopped mid-work leaves what it did not answer to the next.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import datetime as dtm
 import logging
 import re
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any
 
 from telegram import Bot, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType
@@ -23,11 +29,14 @@ from telegram.error import Forbidden, NetworkError, RetryAfter, TelegramError, T
 from telegram.ext import (
     Application,
     ApplicationBuilder,
+    BaseUpdateProcessor,
     CommandHandler,
     ContextTypes,
+    ExtBot,
     MessageHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 
 from bot.chunks import TELEGRAM_LIMIT, split_message
 from bot.conversation import COMMANDS, Conversation, Inbound, Platform
@@ -39,6 +48,7 @@ PLATFORM = "telegram"
 TYPING_EVERY_S = 4.0  # Telegram shows "typing" for about 5 s per sendChatAction
 MAX_RETRY_WAIT_S = 30.0
 RETRY_AFTER_DROP_S = 0.5
+REPOLL_S = 0.5  # while updates are in hand, getUpdates returns them at once: ask again this often
 _MENTION = re.compile(r"@(?=\w)")
 
 
@@ -52,6 +62,15 @@ TELEGRAM = Platform(PLATFORM, "chat", "a private chat, or mention me / reply to 
                     _defuse_mentions)
 
 
+def hide_tokens_from_logs() -> None:
+    # httpx logs every request URL at INFO, and the URL carries the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # PTB's own DEBUG logs print the token and whole updates (message text included).
+    logging.getLogger("telegram").setLevel(logging.INFO)
+    # It logs an answer that is not JSON whole, with a traceback; the caller gets the error anyway.
+    logging.getLogger("telegram.request.BaseRequest").setLevel(logging.CRITICAL)
+
+
 def build_application(
     token: str, engine: Engine, base_url: str | None = None, gate: Gate | None = None,
     concurrent_updates: bool | int = True,
@@ -62,16 +81,102 @@ def build_application(
     everyone is, at the default rate limit, with this process as the only one serving.
     `concurrent_updates`: PTB's own default (False) would let one slow reply hold up every chat.
     """
-    # httpx logs every request URL at INFO, and the URL carries the bot token.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # PTB's own DEBUG logs print the token and whole updates (message text included).
-    logging.getLogger("telegram").setLevel(logging.INFO)
-    builder = ApplicationBuilder().token(token).concurrent_updates(concurrent_updates)
-    if base_url:
-        builder = builder.base_url(base_url)  # PTB appends the token and the method name
-    app = builder.build()
-    TelegramAdapter(Conversation(engine, TELEGRAM, gate)).register(app)
+    hide_tokens_from_logs()
+    ledger = UpdateLedger()
+    bot = LedgerBot(ledger, token, **({"base_url": base_url} if base_url else {}))  # + token + method
+    at_once = 256 if concurrent_updates is True else max(1, int(concurrent_updates))  # PTB's numbers
+    app = ApplicationBuilder().bot(bot).concurrent_updates(TrackedUpdates(ledger, at_once)).build()
+    TelegramAdapter(Conversation(engine, TELEGRAM, gate), ledger).register(app)
     return app
+
+
+class UpdateLedger:
+    """The updates this process fetched and has not handled yet; `offset()` is what getUpdates may
+    confirm. An update handed over to the next process (`keep`) is never confirmed here."""
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.kept: set[int] = set()
+        self.next_id = 0  # one past the newest update fetched
+        self.polled = False  # never in webhook mode, where getUpdates is refused
+        self._progress = asyncio.Event()
+
+    def offset(self) -> int:
+        return min(self.pending, default=self.next_id)
+
+    def fetched(self, update_ids: Iterable[int]) -> None:
+        for update_id in update_ids:
+            self.pending.add(update_id)
+            self.next_id = max(self.next_id, update_id + 1)
+
+    def done(self, update_id: int) -> None:
+        if update_id not in self.kept:
+            self.pending.discard(update_id)
+            self._progress.set()
+
+    def keep(self, update_id: int) -> None:
+        self.kept.add(update_id)
+
+    async def progress(self, timeout_s: float) -> None:
+        """Until an update is done, or `timeout_s`."""
+        self._progress.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout_s)
+
+
+class LedgerBot(ExtBot):
+    """PTB's bot, but getUpdates confirms only the updates handled (`UpdateLedger.offset`) and hands
+    PTB only the new ones: those in hand come back with every call until they are done."""
+
+    def __init__(self, ledger: UpdateLedger, token: str, **kwargs: Any) -> None:
+        super().__init__(token, request=HTTPXRequest(connection_pool_size=256),  # PTB's defaults
+                         get_updates_request=HTTPXRequest(connection_pool_size=1), **kwargs)
+        self._ledger = ledger  # "_": PTB freezes a bot's public attributes
+
+    async def get_updates(self, offset: int | None = None, *args: Any, **kwargs: Any) -> tuple[Update, ...]:
+        ledger = self._ledger
+        ledger.polled = True
+        updates = await super().get_updates(ledger.offset() or offset, *args, **kwargs)
+        new = tuple(u for u in updates if u.update_id >= ledger.next_id)
+        if updates and not new and kwargs.get("timeout"):  # a long poll that could not wait
+            await ledger.progress(REPOLL_S)
+        ledger.fetched(u.update_id for u in new)
+        return new
+
+    async def confirm_handled(self) -> None:
+        """Tell Telegram of every update handled so far (and of no other)."""
+        if not self._ledger.polled:
+            return
+        try:
+            await self.get_updates(timeout=0, limit=1)
+        except TelegramError as e:  # e.g. Conflict with the process taking over: it confirms later
+            log.warning("telegram: handled updates not confirmed (%s)", type(e).__name__)
+
+
+class TrackedUpdates(BaseUpdateProcessor):
+    """Runs each update's handlers, recording it done in the ledger; `tasks` are those running."""
+
+    def __init__(self, ledger: UpdateLedger, max_concurrent_updates: int) -> None:
+        super().__init__(max_concurrent_updates)
+        self.ledger = ledger
+        self.tasks: set[asyncio.Task] = set()
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await coroutine
+        finally:
+            self.tasks.discard(task)
+            if isinstance(update, Update):
+                self.ledger.done(update.update_id)
+
+    async def initialize(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
 
 
 async def register_commands(bot: Bot) -> None:
@@ -85,8 +190,8 @@ async def register_commands(bot: Bot) -> None:
 class TelegramAdapter:
     """The update handlers: each decides whether a message is for the clone, then hands it over."""
 
-    def __init__(self, conversation: Conversation) -> None:
-        self.conversation = conversation
+    def __init__(self, conversation: Conversation, ledger: UpdateLedger | None = None) -> None:
+        self.conversation, self.ledger = conversation, ledger or UpdateLedger()
 
     def register(self, app: Application) -> None:
         new_messages = filters.UpdateType.MESSAGE  # an edit is not a new message to answer
@@ -109,7 +214,7 @@ class TelegramAdapter:
             if not text:
                 return
         # No await before this: the flow takes the chat's turn first thing.
-        await self.conversation.handle(_inbound(message, text, is_dm), TelegramChat(context.bot, message))
+        await self._handle(update, _inbound(message, text, is_dm), TelegramChat(context.bot, message))
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -118,7 +223,13 @@ class TelegramAdapter:
         # "/about@sam_clone_bot" in a group: CommandHandler already checked the name is ours.
         command = message.text.split(maxsplit=1)[0].split("@", 1)[0].lower()
         inbound = _inbound(message, message.text, message.chat.type == ChatType.PRIVATE, command)
-        await self.conversation.handle(inbound, TelegramChat(context.bot, message))
+        await self._handle(update, inbound, TelegramChat(context.bot, message))
+
+    async def _handle(self, update: Update, inbound: Inbound, chat: TelegramChat) -> None:
+        """The flow, unless this process is stopping: then the update stays unconfirmed."""
+        await self.conversation.gate.answer_or_hand_over(
+            inbound.sender, self.conversation.handle(inbound, chat), lambda: chat.sending,
+            lambda: self.ledger.keep(update.update_id))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         update_id = update.update_id if isinstance(update, Update) else None
@@ -131,8 +242,10 @@ class TelegramChat:
 
     def __init__(self, bot: Bot, message: Message) -> None:
         self.bot, self.chat_id, self.message_id = bot, message.chat_id, message.message_id
+        self.sending = False  # once true, part of the reply may have reached the chat
 
     async def send(self, texts: list[str], quote: bool = False) -> int:
+        self.sending = True
         return await _send_all(self.bot, self.chat_id, texts, self.message_id if quote else None)
 
     @contextlib.asynccontextmanager

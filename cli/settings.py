@@ -13,12 +13,31 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.serve import PlatformSettings, SettingsError
 
-_SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,256}")
+# What a secret may look like, and the line that says so (never the value). The libraries paste
+# tokens into URL paths and headers: a "/", "?", "#" or space would reach another endpoint (PTB
+# then fails with a JSONDecodeError) instead of being refused.
+_SHAPES = {
+    "telegram_webhook_secret": (
+        r"[A-Za-z0-9_-]{1,256}", "TELEGRAM_WEBHOOK_SECRET may hold only A-Z, a-z, 0-9, _ and - (1-256)"),
+    "telegram_token": (
+        r"\d+:[A-Za-z0-9_-]+", "TELEGRAM_TOKEN must be the token @BotFather gives, like 123456789:AAH4x-y_Z "
+        "(digits, a colon, then letters, digits, _ and -), without quotes or spaces"),
+    "discord_token": (
+        r"[A-Za-z0-9_.-]+", "DISCORD_TOKEN must be the bot's token alone (letters, digits, '.', '_' "
+        "and '-'), without a 'Bot ' prefix, quotes or spaces"),
+}
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -40,6 +59,9 @@ class Settings(BaseSettings):
     clone_memory_file: Path | None = Field(None, description="embedded memory file")
     clone_adapter_check_s: float = Field(10.0, gt=0, description="how often serve checks `active`")
     clone_typing_delay: bool = Field(True, description="pace the terminal chat like a person")
+    # Well under the platforms' SIGKILL (Fly 5 s by default, Heroku 30 s): what is not answered by
+    # then is left to the next process.
+    clone_stop_grace_s: float = Field(8.0, ge=0, le=300, description="SIGTERM: time to finish replies")
     # Memory and generation.
     redis_url: SecretStr | None = None
     llm_base_url: str | None = None
@@ -75,11 +97,12 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
         return value
 
-    @field_validator("telegram_webhook_secret")
+    @field_validator(*_SHAPES)
     @classmethod
-    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not _SECRET_SHAPE.fullmatch(value.get_secret_value()):
-            raise ValueError("TELEGRAM_WEBHOOK_SECRET may hold only A-Z, a-z, 0-9, _ and - (1-256)")
+    def _shape(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        shape, message = _SHAPES[str(info.field_name)]
+        if value is not None and not re.fullmatch(shape, value.get_secret_value()):
+            raise ValueError(message)
         return value
 
     @model_validator(mode="after")
@@ -104,7 +127,7 @@ class Settings(BaseSettings):
         return PlatformSettings(
             self.secret("telegram_token"), self.telegram_base_url, self.secret("discord_token"),
             self.discord_api_base, self.discord_gateway_url, self.telegram_webhook_url, self.port,
-            self.secret("telegram_webhook_secret"))
+            self.secret("telegram_webhook_secret"), stop_grace_s=self.clone_stop_grace_s)
 
 
 def check_env_file(path: Path) -> None:

@@ -41,6 +41,7 @@ class FakeDiscord:
     forbid_typing: bool = False
     forbid_next_sends: int = 0  # answer this many coming message POSTs with a 403
     me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what /users/@me answers
+    token: str | None = None  # when set, REST calls with another token get a 401, as from Discord
     resumed: int = 0  # RESUMEs seen: a client coming back after a dropped connection
     commands: list[dict[str, Any]] = field(default_factory=list)  # slash commands registered
     _seq: int = 0
@@ -188,6 +189,8 @@ class FakeDiscord:
         path = "/" + request.match_info["path"]
         body = await request.json() if request.can_read_body else None
         self.calls.append(Call(request.method, path, body))
+        if self.token is not None and request.headers.get("Authorization") != f"Bot {self.token}":
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         if request.method == "GET" and path == "/users/@me":
             return _json(self.me)
         if request.method == "GET" and path == "/oauth2/applications/@me":

@@ -3,6 +3,11 @@
 Requests arrive at /bot<TOKEN>/<method> (PTB's base_url + token), form-encoded or JSON. Every call
 is recorded; updates can be queued; the next N sendMessage calls can be answered with HTTP 429,
 and the next N calls of a method can have their connection dropped.
+
+getUpdates works as the real Bot API's: an update is confirmed (and never sent again) once a call
+carries an `offset` above its id, until then every call returns it again (at most `limit`); a long
+poll waits only while there is nothing unconfirmed; and a getUpdates while another one waits ends
+the waiting one with 409 Conflict, as when two processes poll one bot.
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ class FakeTelegram:
     rate_limit_next: int = 0  # answer this many coming sendMessage calls with a 429
     me: dict[str, Any] = field(default_factory=lambda: dict(BOT))  # what getMe answers
     drop_next: dict[str, int] = field(default_factory=dict)  # method -> calls to hang up on
+    confirmed: list[int] = field(default_factory=list)  # update ids confirmed, in order
+    queued: dict[int, dict[str, Any]] = field(default_factory=dict)  # every update ever queued, by id
+    conflicts: int = 0  # long polls ended by another getUpdates
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _next_update_id: int = 1
     _next_message_id: int = 1000
     _runner: web.AppRunner | None = None
+    _waiting: asyncio.Future | None = None  # the long poll in progress
     port: int = 0
 
     @property
@@ -51,7 +60,7 @@ class FakeTelegram:
         app.router.add_post("/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        self.port = free_port()
+        self.port = self.port or free_port()  # a fixed port: a server that comes up late
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
@@ -63,6 +72,7 @@ class FakeTelegram:
         update_id = self._next_update_id
         self._next_update_id += 1
         self._updates.append({"update_id": update_id, kind: message})
+        self.queued[update_id] = self._updates[-1]
         self._arrived.set()
         return update_id
 
@@ -100,16 +110,31 @@ class FakeTelegram:
             return _ok([])
         return _ok(True)
 
+    def unconfirmed(self) -> list[int]:
+        return [u["update_id"] for u in self._updates]
+
     async def _get_updates(self, params: dict[str, Any]) -> web.Response:
         offset = int(params.get("offset") or 0)
+        self.confirmed += [u["update_id"] for u in self._updates if u["update_id"] < offset]
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)  # "terminated by other getUpdates request"
         if not self._updates:
             # A short long-poll: PTB asks again at once, so tests stay quick.
             self._arrived.clear()
+            self._waiting = waiting = asyncio.get_running_loop().create_future()
+            arrived = asyncio.ensure_future(self._arrived.wait())
             timeout = min(float(params.get("timeout") or 0), 0.5)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-        return _ok(list(self._updates))
+                await asyncio.wait_for(asyncio.wait({waiting, arrived}, return_when="FIRST_COMPLETED"),
+                                       timeout)
+            arrived.cancel()
+            if waiting.done():
+                self.conflicts += 1
+                return web.json_response({"ok": False, "error_code": 409, "description":
+                                          "Conflict: terminated by other getUpdates request"}, status=409)
+            waiting.cancel()
+        return _ok(self._updates[:int(params.get("limit") or 100)])
 
     def _message(self, params: dict[str, Any]) -> dict[str, Any]:
         self._next_message_id += 1

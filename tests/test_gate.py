@@ -15,6 +15,7 @@ from bot.gate import (
     RedisState,
     Rules,
     Sender,
+    Stopping,
     Verdict,
     open_gate,
 )
@@ -90,7 +91,10 @@ def test_a_full_serve_table_parses():
     ({"block_users": ["telegram:1", 42]}, "`block_users[1]` is 42"),
     ({"allow_servers": ["slack:1"]}, "`allow_servers[0]` is 'slack:1'"),
     ({"allow_chats": ["telegram:abc"]}, "`allow_chats[0]`"),
-    ({"messages_per_minute": -1}, "`messages_per_minute` must be a number >= 0"),
+    ({"messages_per_minute": -1}, "`messages_per_minute` must be a finite number >= 0"),
+    ({"messages_per_minute": float("nan")}, "`messages_per_minute` must be a finite number >= 0"),
+    ({"messages_per_minute": float("inf")}, "`messages_per_minute` must be a finite number >= 0"),
+    ({"messages_per_minute": float("-inf")}, "`messages_per_minute`"),
     ({"messages_per_minute": "6"}, "`messages_per_minute`"),
     ({"about": ""}, "`about` must be a non-empty string"),
     ({"introduce": "yes"}, "`introduce` must be true or false"),
@@ -112,6 +116,15 @@ def test_serve_settings_come_from_persona_toml(tmp_path):
     (tmp_path / "persona.toml").write_text('name = "Sam"\nserve = 3\n')
     with pytest.raises(PersonaError, match="`serve` must be a table"):
         Persona.load(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan"])
+def test_a_rate_that_is_not_a_finite_number_is_refused_from_persona_toml(tmp_path, value):
+    """TOML writes nan and inf as bare words: without Redis every message was "too fast", with
+    Redis every message raised."""
+    (tmp_path / "persona.toml").write_text(f'name = "Sam"\n[serve]\nmessages_per_minute = {value}\n')
+    with pytest.raises(GateSettingsError, match=r"persona.toml \[serve\]: `messages_per_minute` must be"):
+        Rules.from_persona(Persona.load(tmp_path))
 
 
 def test_the_sample_persona_serves_everyone():
@@ -208,9 +221,15 @@ def test_two_processes_answer_a_message_once_and_share_the_limit():
     async def scenario():
         old = Gate(Rules(messages_per_minute=0), persona, RedisState(REDIS_URL))
         new = Gate(Rules(messages_per_minute=0), persona, RedisState(REDIS_URL))
+
+        async def answer(gate: Gate, message: Sender) -> Verdict:
+            verdict = await gate.admit(message)  # the loser waits until the winner has answered
+            await gate.settle(message)
+            return verdict
+
         try:
             messages = [sender(chat=str(c), message=str(m)) for c in range(5) for m in range(40)]
-            both = await asyncio.gather(*(gate.admit(s) for s in messages for gate in (old, new)))
+            both = await asyncio.gather(*(answer(gate, s) for s in messages for gate in (old, new)))
             pairs = list(zip(both[::2], both[1::2], strict=True))
             assert all(sorted(p, key=str) == [Verdict.ANSWER, Verdict.DUPLICATE] for p in pairs)
             limited = [Gate(Rules(messages_per_minute=2), persona, g.state) for g in (old, new)]
@@ -222,6 +241,97 @@ def test_two_processes_answer_a_message_once_and_share_the_limit():
             drop_redis_keys(persona)
 
     asyncio.run(scenario())
+
+
+# -- stopping: hand over what is not answered ---------------------------------------------------
+
+
+def test_a_draining_gate_admits_nothing_and_releases_only_its_own_claims(make_gate):
+    async def scenario():
+        ours = make_gate()
+        theirs = Gate(Rules(), ours.persona, ours.state)  # another process, the same state
+        mine, other = sender(chat="5", message="1"), sender(chat="5", message="2")
+        assert await ours.admit(mine) is Verdict.ANSWER and await ours.first_contact(mine)
+        assert await theirs.admit(other) is Verdict.ANSWER
+        await theirs.settle(other)  # answered
+        await ours.release(other)  # not ours: untouched
+        await ours.release(mine)   # the message and the chat's introduction are free again
+        ours.drain()
+        with pytest.raises(Stopping):
+            await ours.admit(sender(chat="5", message="3"))
+        with pytest.raises(Stopping):
+            await ours.admit(mine, deletion_request=True)  # even /forget: the next process does it
+        fresh = Gate(Rules(), ours.persona, ours.state)
+        assert await fresh.admit(mine) is Verdict.ANSWER and await fresh.first_contact(mine)
+        assert await fresh.admit(other) is Verdict.DUPLICATE
+
+    make_gate.run(scenario)
+
+
+def test_a_message_held_by_another_process_is_waited_for():
+    """Two processes overlapping in a deploy both receive a message: the one that did not claim it
+    waits until the other has answered it (a duplicate) or handed it over (its own to answer)."""
+    gates = Gates("redis")
+
+    async def scenario():
+        old, new = gates(), gates()
+        answered, handed, abandoned = (sender(chat="7", message=m) for m in ("1", "2", "3"))
+        for message in (answered, handed, abandoned):
+            assert await old.admit(message) is Verdict.ANSWER
+        waits = [asyncio.create_task(new.admit(m)) for m in (answered, handed)]
+        await asyncio.sleep(0.6)
+        assert not any(w.done() for w in waits)  # neither answered nor handed over yet
+        await old.settle(answered)
+        await old.release(handed)
+        assert [await w for w in waits] == [Verdict.DUPLICATE, Verdict.ANSWER]
+        waiting = asyncio.create_task(new.admit(abandoned))
+        await asyncio.sleep(0.3)
+        new.drain()  # the waiting process is stopping too: it leaves the message alone
+        with pytest.raises(Stopping):
+            await waiting
+        patient = gates()
+        patient.claim_wait_s = 0.5  # an owner that never answers is given up on, at last
+        assert await patient.admit(abandoned) is Verdict.DUPLICATE
+        assert await old.admit(answered) is Verdict.DUPLICATE  # its own claim: no wait
+
+    try:
+        gates.run(scenario)
+    finally:
+        drop_redis_keys(gates.persona)
+
+
+def test_a_reply_cancelled_before_it_went_out_is_handed_over(make_gate):
+    async def scenario():
+        gate = make_gate()
+        other = Gate(Rules(), gate.persona, gate.state)
+        handed: list[str] = []
+
+        async def flow(message: Sender, replying: list[bool]) -> None:
+            assert await gate.admit(message) is Verdict.ANSWER
+            replying.append(True) if message.message_id == "begun" else None
+            await asyncio.sleep(10)  # generating
+
+        async def run(message_id: str) -> None:
+            message, replying = sender(chat="9", message=message_id), []
+            task = asyncio.create_task(gate.answer_or_hand_over(
+                message, flow(message, replying), lambda: bool(replying),
+                lambda: handed.append(message_id)))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        await run("unsent")
+        await run("begun")
+        assert handed == ["unsent"]
+        assert await other.admit(sender(chat="9", message="unsent")) is Verdict.ANSWER  # released
+        assert await other.admit(sender(chat="9", message="begun")) is Verdict.DUPLICATE  # settled
+        gate.drain()
+        await gate.answer_or_hand_over(sender(message="late"), gate.admit(sender(message="late")),
+                                       lambda: False, lambda: handed.append("late"))
+        assert handed == ["unsent", "late"]
+
+    make_gate.run(scenario)
 
 
 def test_without_redis_the_gate_lets_messages_through(caplog):

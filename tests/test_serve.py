@@ -7,18 +7,20 @@ import json
 import os
 import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from bot.gate import Gate
-from bot.serve import PlatformSettings, SettingsError, serve
+from bot.gate import Gate, RedisState
+from bot.serve import PlatformSettings, SettingsError, check_credentials, serve
 from cli.main import main
 from cli.settings import load_settings
 
 from .fake_telegram import FakeTelegram
-from .platform_helpers import free_port, quiet, until
-from .test_telegram import dm, fixed_engine
+from .platform_helpers import SlowFirstBackend, drop_redis_keys, free_port, quiet, until
+from .test_telegram import ANA, dm, fixed_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +85,7 @@ def test_serve_answers_on_telegram_and_stops_cleanly_on_sigterm(tiny_base, tmp_p
     assert "Serving Sam Rivera" in out
     assert "hello from telegram" not in err  # no message text in the logs
     assert token not in err and token not in out  # httpx would log it inside every URL
-    assert "Stopping: finishing replies in flight" in err
+    assert "Stopping: finishing the replies in progress" in err
 
 
 def test_serve_answers_on_discord_through_the_configured_addresses(tiny_base, tmp_path):
@@ -138,6 +140,42 @@ def test_bad_serving_settings_are_named(monkeypatch, values, error):
     settings_env(monkeypatch, TELEGRAM_TOKEN="1:x", **values)
     with pytest.raises(SettingsError, match=error):
         load_settings()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("TELEGRAM_TOKEN", "12:ab/../x"),   # PTB appended it to the URL path: a JSONDecodeError
+    ("TELEGRAM_TOKEN", "12:ab?x=1"),
+    ("TELEGRAM_TOKEN", "12:ab#frag"),
+    ("TELEGRAM_TOKEN", "12:ab cd"),
+    ("TELEGRAM_TOKEN", "abcdef"),
+    ("TELEGRAM_TOKEN", "12:"),
+    ("DISCORD_TOKEN", "Bot abc.def.ghi"),
+    ("DISCORD_TOKEN", "abc/../def"),
+    ("DISCORD_TOKEN", "abc?def"),
+    ("DISCORD_TOKEN", '"abc.def"'),
+])
+def test_a_token_of_the_wrong_shape_is_named_and_never_echoed(monkeypatch, name, value):
+    settings_env(monkeypatch, **{name: value})
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    message = str(e.value)
+    assert message.startswith(f"{name} ") and "\n" not in message
+    assert value.strip('"') not in message
+
+
+def test_a_token_of_the_wrong_shape_stops_serve_before_anything_loads(monkeypatch, tmp_path, capsys):
+    settings_env(monkeypatch, TELEGRAM_TOKEN="12:ab/../x")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--base", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "TELEGRAM_TOKEN" in err and "ab/../x" not in err and "Traceback" not in err
+
+
+def test_well_formed_tokens_pass(monkeypatch):
+    settings_env(monkeypatch, TELEGRAM_TOKEN="123456789:AAH-x_9Zq", DISCORD_TOKEN="MTIz.GhIj-k.l_m")
+    settings = load_settings()
+    assert settings.secret("telegram_token") == "123456789:AAH-x_9Zq"
+    assert settings.secret("discord_token") == "MTIz.GhIj-k.l_m"
 
 
 def test_webhook_settings_and_the_derived_secret(monkeypatch):
@@ -279,3 +317,271 @@ def test_the_env_example_is_a_valid_env_file_of_known_settings(monkeypatch, tmp_
     assert names and names <= {f.upper() for f in Settings.model_fields}, names - {
         f.upper() for f in Settings.model_fields}
     assert {f.upper() for f in Settings.model_fields} <= names  # every setting is documented there
+
+
+# -- credentials checked before the model loads; an unreachable API retried, then named --------
+
+
+def fast_retry(**values) -> dict:
+    """Connection retries short enough for a test: 3 attempts, 0.1 s then 0.2 s apart."""
+    return {"connect_attempts": 3, "connect_wait_s": 0.1, **values}
+
+
+def test_an_unreachable_telegram_api_is_retried_then_named_in_one_line(tmp_path, count_tokens):
+    engine = fixed_engine(tmp_path, count_tokens)
+    settings = PlatformSettings("123:TEST", f"http://127.0.0.1:{free_port()}/bot", None, **fast_retry())
+
+    async def scenario():
+        started = time.monotonic()
+        with pytest.raises(SettingsError) as checked:
+            await check_credentials(settings, "telegram")
+        took = time.monotonic() - started
+        with pytest.raises(SettingsError) as served:  # serve() itself, as without the check first
+            await asyncio.wait_for(serve(engine, settings, "telegram"), 20)
+        return took, str(checked.value), str(served.value)
+
+    took, checked, served = asyncio.run(scenario())
+    assert took >= 0.3  # waited between the attempts
+    for message in (checked, served):
+        assert "Telegram Bot API" in message and "TELEGRAM_BASE_URL" in message
+        assert "123:TEST" not in message and "\n" not in message
+
+
+def test_an_address_that_is_no_platform_api_is_one_line(monkeypatch):
+    """A web page where the API should be (a typo in TELEGRAM_BASE_URL or DISCORD_API_BASE)."""
+    import discord
+    from aiohttp import web
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # repointed below
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>hi</html>", content_type="text/html")
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", page)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        messages = []
+        try:
+            for settings in (PlatformSettings("123:TEST", f"http://127.0.0.1:{port}/bot", None),
+                             PlatformSettings(None, None, "FAKE.TOKEN.x", f"http://127.0.0.1:{port}/api")):
+                with pytest.raises(SettingsError) as e:
+                    await check_credentials(settings)
+                messages.append(str(e.value))
+            return messages
+        finally:
+            await runner.cleanup()
+
+    telegram, discord_message = asyncio.run(scenario())
+    assert "does not answer like the Telegram Bot API" in telegram and "TELEGRAM_BASE_URL" in telegram
+    assert "does not answer like the Discord API" in discord_message
+    assert "DISCORD_API_BASE" in discord_message
+    for message in (telegram, discord_message):
+        assert "TEST" not in message and "FAKE" not in message and "html" not in message
+
+
+def test_a_telegram_api_that_comes_back_during_the_retries_is_used():
+    port = free_port()
+
+    async def scenario():
+        fake = FakeTelegram(port=port)
+        settings = PlatformSettings(fake.token, fake.base_url, None, **fast_retry(connect_wait_s=0.3))
+        check = asyncio.create_task(check_credentials(settings, "telegram"))
+        await asyncio.sleep(0.1)  # the first attempt has failed
+        await fake.start()
+        try:
+            await asyncio.wait_for(check, 10)
+        finally:
+            await fake.stop()
+        return fake
+
+    fake = asyncio.run(scenario())
+    assert not any(c.method == "getUpdates" for c in fake.calls)  # nothing was served
+
+
+def test_bad_and_user_account_tokens_fail_fast_before_anything_else(monkeypatch):
+    """`check_credentials` is what `clone serve` calls before the model loads (about 17 s): a
+    wrong token costs a second, not the load."""
+    import discord
+
+    from .fake_discord import FakeDiscord
+    from .test_discord import ANA
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # repointed below
+
+    async def refused(settings: PlatformSettings, platform: str | None = None) -> str:
+        started = time.monotonic()
+        with pytest.raises(SettingsError) as e:
+            await check_credentials(settings, platform)
+        assert time.monotonic() - started < 3
+        return str(e.value)
+
+    async def scenario():
+        telegram, user = FakeTelegram(), FakeTelegram(me={"id": 5, "is_bot": False, "first_name": "A"})
+        discord_fake = FakeDiscord(token="FAKE.TOKEN.secret")
+        discord_user = FakeDiscord(me={**ANA, "bot": False})
+        for fake in (telegram, user, discord_fake, discord_user):
+            await fake.start()
+        try:
+            api = f"http://127.0.0.1:{discord_fake.port}/api/v10"
+            user_api = f"http://127.0.0.1:{discord_user.port}/api/v10"
+            good = PlatformSettings(telegram.token, telegram.base_url, "FAKE.TOKEN.secret", api)
+            await check_credentials(good)  # both accepted
+            messages = [
+                await refused(PlatformSettings("123:WRONG", telegram.base_url, None), "telegram"),
+                await refused(PlatformSettings(user.token, user.base_url, None)),
+                await refused(PlatformSettings(None, None, "WRONG.TOKEN.x", api), "discord"),
+                await refused(PlatformSettings(None, None, "FAKE.TOKEN.secret", user_api)),
+                # --platform discord: the Telegram token is not even tried
+                await refused(PlatformSettings("123:WRONG", telegram.base_url, "WRONG.TOKEN.x", api),
+                              "discord"),
+            ]
+        finally:
+            for fake in (telegram, user, discord_fake, discord_user):
+                await fake.stop()
+        return messages, telegram, discord_fake
+
+    messages, telegram, discord_fake = asyncio.run(scenario())
+    assert "Telegram refused TELEGRAM_TOKEN" in messages[0]
+    assert "TELEGRAM_TOKEN belongs to a user account" in messages[1]
+    assert "Discord refused DISCORD_TOKEN" in messages[2] and "Discord refused" in messages[4]
+    assert "DISCORD_TOKEN belongs to a user account" in messages[3]
+    assert not any("WRONG" in m or "secret" in m for m in messages)
+    assert {c.method for c in telegram.calls} == {"getMe"}  # nothing polled, nothing sent
+    assert {(c.method, c.path) for c in discord_fake.calls} == {("GET", "/users/@me")}
+    assert discord_fake.connected == 0
+
+
+# -- stopping: the reply in progress gets the grace, the rest is handed over ---------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BEA = {"id": 14, "is_bot": False, "first_name": "Bea"}
+STOPS = pytest.mark.parametrize("grace_s, generation_s, in_progress_sent", [
+    (5.0, 1.0, True),    # the replies being generated fit the grace
+    (0.3, 30.0, False),  # they do not: cancelled, and handed over too
+], ids=["finishes", "grace-runs-out"])
+
+
+def seen_claims(persona: str) -> dict[str, str]:
+    """The gate's claims on messages in the shared Redis: key's last parts -> holder."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return {k.decode().split(":seen:")[1]: client.get(k).decode()
+                for k in client.scan_iter(f"clone:{persona}:seen:*")}
+    finally:
+        client.close()
+
+
+async def stop_mid_reply(fake, engine, settings: PlatformSettings, started, send, generating):
+    """Start `fake`; serve() on it until `started()`, `await send()`, until `generating()`; then
+    stop. (What send() returned, the seconds serve() took to return once stopped, the claims left.)"""
+    persona = f"serve-test-{uuid.uuid4().hex}"
+    await fake.start()
+    gate = Gate(quiet(messages_per_minute=0), persona, RedisState(REDIS_URL))
+    stop = asyncio.Event()
+    try:
+        task = asyncio.create_task(serve(engine, settings(fake), gate=gate, stop=stop))
+        await until(started, timeout=20)
+        sent = await send()
+        await until(generating, timeout=20)
+        stop.set()
+        stopped = time.monotonic()
+        await asyncio.wait_for(task, 40)
+        return sent, time.monotonic() - stopped, seen_claims(persona)
+    finally:
+        await gate.close()
+        await fake.stop()
+        drop_redis_keys(persona)
+
+
+@STOPS
+def test_telegram_stop_finishes_what_is_in_progress_and_hands_over_the_rest(
+        tmp_path, count_tokens, grace_s, generation_s, in_progress_sent):
+    backend = SlowFirstBackend(delays=[generation_s] * 4)
+    engine, fake = fixed_engine(tmp_path, count_tokens, backend), FakeTelegram()
+
+    async def send() -> list[int]:
+        return [fake.queue(dm(text, user=user)) for text in ("first", "second") for user in (ANA, BEA)]
+
+    ids, took, claims = asyncio.run(stop_mid_reply(
+        fake, engine, lambda f: PlatformSettings(f.token, f.base_url, None, stop_grace_s=grace_s),
+        lambda: any(c.method == "getUpdates" for c in fake.calls), send,
+        lambda: len(backend.prompts) == 2))  # each chat's first message
+    first, second = ids[:2], ids[2:]
+    assert took < (generation_s if in_progress_sent else grace_s) + 1.0
+    if in_progress_sent:
+        assert [m["text"] for m in fake.sent()] == ["re: first", "re: first"]
+        assert sorted(fake.confirmed) == first and fake.unconfirmed() == second
+        answered = [fake.queued[u]["message"] for u in first]
+        assert claims == {f"telegram:{m['chat']['id']}:{m['message_id']}": "answered" for m in answered}
+    else:
+        assert fake.sent() == [] and fake.confirmed == [] and fake.unconfirmed() == ids
+        assert claims == {}  # released: the next process answers them
+
+
+@STOPS
+def test_discord_stop_finishes_what_is_in_progress_and_hands_over_the_rest(
+        tmp_path, count_tokens, monkeypatch, grace_s, generation_s, in_progress_sent):
+    import discord
+
+    from .fake_discord import FakeDiscord
+    from .test_discord import ANA as DISCORD_ANA
+    from .test_discord import DM_CHANNEL
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)  # serve() repoints them
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    backend = SlowFirstBackend(delays=[generation_s] * 2)
+    engine, fake = fixed_engine(tmp_path, count_tokens, backend), FakeDiscord()
+
+    async def send() -> list[dict]:
+        messages = [fake.message(t, DISCORD_ANA, DM_CHANNEL) for t in ("first", "second")]
+        for message in messages:
+            await fake.push(message)
+        return messages
+
+    messages, took, claims = asyncio.run(stop_mid_reply(
+        fake, engine,
+        lambda f: PlatformSettings(None, None, "FAKE.TOKEN.secret", f"http://127.0.0.1:{f.port}/api/v10",
+                                   f"ws://127.0.0.1:{f.port}/gateway", stop_grace_s=grace_s),
+        lambda: fake.identified.is_set() and fake.connected > 0, send, lambda: len(backend.prompts) == 1))
+    assert took < (generation_s if in_progress_sent else grace_s) + 1.0
+    if in_progress_sent:
+        assert [m["content"] for m in fake.sent(DM_CHANNEL)] == ["re: first"]
+        assert claims == {f"discord:{DM_CHANNEL}:{messages[0]['id']}": "answered"}
+    else:  # released, for a process that received it too (Discord does not deliver it again)
+        assert fake.sent(DM_CHANNEL) == [] and claims == {}
+
+
+def test_clone_serve_checks_the_token_before_it_loads_a_model(tmp_path):
+    """A wrong token is the first thing `clone serve` reports: the base model given here does not
+    even exist, and loading it would have been the error otherwise (after ~17 s with a real one)."""
+    persona = tmp_path / "sam"
+    persona.mkdir()
+    (persona / "persona.toml").write_text('name = "Sam"\n')
+
+    async def scenario():
+        fake = FakeTelegram()
+        await fake.start()
+        try:
+            env = {**os.environ, "TELEGRAM_TOKEN": "123:WRONG", "TELEGRAM_BASE_URL": fake.base_url}
+            for name in ("DISCORD_TOKEN", "REDIS_URL", "LLM_BASE_URL", "TELEGRAM_WEBHOOK_URL"):
+                env.pop(name, None)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli", "serve", "--persona", str(persona),
+                "--base", str(tmp_path / "no-model"), cwd=REPO, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode, err.decode(), fake
+        finally:
+            await fake.stop()
+
+    code, err, fake = asyncio.run(scenario())
+    assert code == 2 and "Telegram refused TELEGRAM_TOKEN" in err, err
+    assert "no-model" not in err and "Traceback" not in err and "123:WRONG" not in err
+    assert not any(c.method == "getUpdates" for c in fake.calls)  # nothing was served

@@ -14,7 +14,7 @@ from bot.engine import Engine
 from bot.gate import RATE_LIMIT_REPLY, Gate, RedisState, Rules
 from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory, RedisMemory
-from bot.telegram import build_application
+from bot.telegram import REPOLL_S, build_application
 from tests.fake_telegram import BOT, FakeTelegram
 from tests.platform_helpers import FixedBackend, SlowFirstBackend, drop_redis_keys, quiet, until
 from training.base_model import load_model, resolve_base
@@ -390,3 +390,32 @@ def test_the_first_reply_in_a_chat_says_it_is_an_ai_clone(tmp_path, count_tokens
     assert "AI clone of Sam" in dm_texts[0] and dm_texts[1:] == ["hello", "there", "hello", "there"]
     group_texts = [m["text"] for m in fake.sent(chat_id=-500)]
     assert "AI clone of Sam" in group_texts[0] and group_texts[1:] == ["hello", "there"]
+
+
+def test_an_update_is_confirmed_only_once_it_is_handled(tmp_path, count_tokens):
+    """PTB's Updater confirms the updates it fetched at once, before any reply; here Telegram hears
+    of an update once it is handled, so a process that dies mid-reply leaves it to the next. New
+    messages still come in meanwhile, and the updates in hand cost a poll every REPOLL_S, not a
+    busy loop."""
+    backend = SlowFirstBackend(delays=[3.0, 0.0, 0.0, 0.0])
+    engine = fixed_engine(tmp_path, count_tokens, backend)
+    bea = {"id": 14, "is_bot": False, "first_name": "Bea"}
+
+    async def scenario(fake):
+        def polls() -> int:
+            return sum(c.method == "getUpdates" for c in fake.calls)
+
+        ids = [fake.queue(dm(text)) for text in ("one", "two", "three")]
+        await until(lambda: len(backend.prompts) == 1)  # "one" is generating, the others wait
+        before = polls()
+        await asyncio.sleep(1.0)
+        assert fake.confirmed == [] and fake.unconfirmed() == ids
+        assert polls() - before <= 1.0 / REPOLL_S + 2
+        other = fake.queue(dm("meanwhile", user=bea))
+        await until(lambda: len(fake.sent(chat_id=14)) == 1)  # answered while "one" still runs
+        assert len(fake.sent(chat_id=11)) == 0 and fake.unconfirmed() == [*ids, other]
+        await until(lambda: len(fake.sent(chat_id=11)) == 3)
+        await until(lambda: sorted(fake.confirmed) == sorted([*ids, other]))
+
+    fake = run(engine, scenario, Gate(quiet(messages_per_minute=0), "Sam"))
+    assert [m["text"] for m in fake.sent(chat_id=11)] == ["re: one", "re: two", "re: three"]
