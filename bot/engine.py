@@ -21,7 +21,14 @@ from typing import Protocol
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
 from training.persona import Persona
-from training.prompt import CHARS_PER_TOKEN, Utterance, keep_end, keep_end_within, to_chat_messages
+from training.prompt import (
+    CHARS_PER_TOKEN,
+    Utterance,
+    keep_end,
+    keep_end_within,
+    prompt_tokens,
+    to_chat_messages,
+)
 
 log = logging.getLogger(__name__)
 BUSY_REPLY = "Sorry, I'm swamped right now. Try again in a minute?"
@@ -107,7 +114,7 @@ class Engine:
         utterances.append(Utterance(incoming.author, incoming.text, False))
         while True:
             messages = to_chat_messages(self.persona, utterances, group)
-            size = sum(self.count_tokens(m["content"]) + 6 for m in messages)
+            size = prompt_tokens(messages, self.count_tokens)
             if size <= self.prompt_tokens:
                 return messages
             if len(utterances) > 1:

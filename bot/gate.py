@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bot.memory import connect_redis, key_part
+from bot.memory import key_part, redis_client
 from training.persona import Persona
 
 log = logging.getLogger(__name__)
@@ -258,8 +258,7 @@ class RedisState:
 
     def __init__(self, redis: str | Any, timeout_s: float = 0.5) -> None:
         """`redis`: a URL (this state opens and closes its own client) or the process's shared client."""
-        self._owns_client = isinstance(redis, str)
-        self.client = connect_redis(redis, timeout_s) if isinstance(redis, str) else redis
+        self.client, self._owns_client = redis_client(redis, timeout_s)
         self._take = self.client.register_script(_TAKE_LUA)
         self._release = self.client.register_script(_RELEASE_LUA)
         self._settle = self.client.register_script(_SETTLE_LUA)

@@ -223,6 +223,14 @@ def connect_redis(url: str, timeout_s: float = 0.5, max_connections: int = 64):
     return aioredis.Redis(connection_pool=pool)
 
 
+def redis_client(redis: str | Any, timeout_s: float = 0.5) -> tuple[Any, bool]:
+    """(client, owned): a client of its own for a URL (its user closes it), or the process's shared
+    client as it is (whoever opened it closes it)."""
+    if isinstance(redis, str):
+        return connect_redis(redis, timeout_s), True
+    return redis, False
+
+
 class RedisMemory:
     """Memory in Redis: one round trip per recall (pipeline) and per append (Lua script).
 
@@ -248,8 +256,7 @@ class RedisMemory:
         self.token_budget = token_budget
         self.ttl_ms = int(ttl_days * _DAY * 1000)
         self.count_tokens = count_tokens
-        self._owns_client = isinstance(redis, str)
-        self.client = connect_redis(redis, timeout_s) if isinstance(redis, str) else redis
+        self.client, self._owns_client = redis_client(redis, timeout_s)
         self._append_script = self.client.register_script(_APPEND_LUA)
         self._forget_script = self.client.register_script(_FORGET_LUA)
         self._locks = KeyedLocks()

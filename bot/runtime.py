@@ -8,7 +8,6 @@ the `tokenizers` library straight from a tokenizer.json.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
 from training.persona import Persona
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +102,6 @@ def build_runtime(
         backend, count, what = local_backend(persona, choice)
     redis = connect_redis(redis_url) if redis_url else None
     memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
-    gate = open_gate(persona, rules or Rules.from_persona(persona), redis)
+    gate = open_gate(persona, rules, redis)  # the persona's [serve] rules unless given
     engine = Engine(persona, backend, memory, count)
     return Runtime(engine, backend, memory, gate, redis, what)

@@ -92,19 +92,18 @@ async def connect(settings: PlatformSettings, attempt: Callable[[], Awaitable[T]
                   errors: tuple[type[BaseException], ...]) -> T:
     """`attempt()`, tried again after a network error (`errors`) with doubling waits; the last
     failure is one line naming the API (a platform's blip at start is not worth a traceback)."""
-    wait = settings.connect_wait_s
-    for _ in range(settings.connect_attempts - 1):
+    wait, attempts = settings.connect_wait_s, max(1, settings.connect_attempts)
+    for tried in range(1, attempts + 1):
         try:
             return await attempt()
         except errors as e:
+            if tried == attempts:
+                raise SettingsError(f"cannot reach {api} after {tried} attempts "
+                                    f"({type(e).__name__}): check the network and the address") from None
             log.warning("cannot reach %s (%s); trying again in %.1fs", api, type(e).__name__, wait)
         await asyncio.sleep(wait)
         wait *= 2
-    try:
-        return await attempt()
-    except errors as e:
-        raise SettingsError(f"cannot reach {api} after {settings.connect_attempts} attempts "
-                            f"({type(e).__name__}): check the network and the address") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def check_credentials(settings: PlatformSettings, platform: str | None = None) -> None:

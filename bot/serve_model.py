@@ -25,7 +25,15 @@ from bot.engine import Busy
 from bot.generation import LocalBackend
 from training.base_model import token_counter
 from training.encode import encode
-from training.prompt import CHARS_PER_TOKEN, keep_end, keep_end_within, turn_text
+from training.prompt import (
+    CHARS_PER_TOKEN,
+    TURN_OVERHEAD,
+    keep_end,
+    keep_end_within,
+    prompt_tokens,
+    turn_text,
+    turn_tokens,
+)
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
@@ -69,13 +77,14 @@ def fit(messages: list[dict[str, str]], count_tokens: Callable[[str], int],
     the budget keeps its end. Each text is cut by characters first (see keep_end)."""
     messages = [{**m, "content": keep_end(m["content"], budget * CHARS_PER_TOKEN)} for m in messages]
     head = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
-    used = sum(count_tokens(m["content"]) + 6 for m in head)  # 6: the template's markers
+    used = prompt_tokens(head, count_tokens)
     kept: list[dict[str, str]] = []
     for m in reversed(messages[len(head):]):
-        size = count_tokens(m["content"]) + 6
+        size = turn_tokens(m["content"], count_tokens)
         if used + size > budget:
             if not kept:
-                kept.append({**m, "content": keep_end_within(m["content"], count_tokens, budget - used - 6)})
+                room = budget - used - TURN_OVERHEAD
+                kept.append({**m, "content": keep_end_within(m["content"], count_tokens, room)})
             break
         kept.append(m)
         used += size

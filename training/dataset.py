@@ -29,10 +29,9 @@ from training.config import PrepareConfig  # re-exported: its home was here
 from training.message import ImportReport, Message
 from training.persona import Persona
 from training.privacy import Redactor
-from training.prompt import CONTRACT_VERSION, Utterance, to_chat_messages
+from training.prompt import CONTRACT_VERSION, Utterance, prompt_tokens, to_chat_messages, turn_tokens
 
 TokenCounter = Callable[[str], int]
-TURN_OVERHEAD = 6  # <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges
 NEAR_DUP_MIN_CHARS = 16  # "ok" and "lol" again are how a person texts, not duplicates
 
 
@@ -298,12 +297,11 @@ class _Windower:
     def __init__(self, persona: Persona, cfg: PrepareConfig, count_tokens: TokenCounter) -> None:
         self.persona = persona
         self.count = functools.lru_cache(maxsize=65536)(count_tokens)
-        self.system_cost = self.count(to_chat_messages(persona, [])[0]["content"]) + TURN_OVERHEAD
+        self.system_cost = turn_tokens(to_chat_messages(persona, [])[0]["content"], self.count)
         self.budget = cfg.max_tokens - self.system_cost
 
     def cost(self, piece: list[Utterance], group: bool) -> int:
-        content = to_chat_messages(self.persona, piece, group)[1]["content"]
-        return self.count(content) + TURN_OVERHEAD
+        return turn_tokens(to_chat_messages(self.persona, piece, group)[1]["content"], self.count)
 
     def samples(
         self, utts: list[Utterance], group: bool, skipped: Counter[str]
@@ -313,9 +311,7 @@ class _Windower:
         out = []
         for w in windows(utts, cost, self.budget, skipped):
             sample = {"messages": to_chat_messages(self.persona, w, group)}
-            tokens = self.system_cost + sum(
-                self.count(t["content"]) + TURN_OVERHEAD for t in sample["messages"][1:]
-            )
+            tokens = self.system_cost + prompt_tokens(sample["messages"][1:], self.count)
             out.append((sample, tokens))
         return out
 

@@ -15,6 +15,8 @@ from training.persona import Persona
 
 CONTRACT_VERSION = 1
 QUOTE_CHARS = 80  # a quoted message is cut to this many characters
+# <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges.
+TURN_OVERHEAD = 6
 # Twice what chat text averages per token with SmolLM2's tokenizer (4.1 characters): text cut to
 # a token budget times this still holds all the budget can, and costs little to tokenize.
 CHARS_PER_TOKEN = 8
@@ -93,3 +95,13 @@ def keep_end_within(text: str, count_tokens: Callable[[str], int], max_tokens: i
     while text and (tokens := count_tokens(text)) > max_tokens:
         text = keep_end(text, min(len(text) - 1, len(text) * max_tokens // tokens))
     return text
+
+
+def turn_tokens(content: str, count_tokens: Callable[[str], int]) -> int:
+    """What one turn of the chat template costs in tokens: its text and its markers."""
+    return count_tokens(content) + TURN_OVERHEAD
+
+
+def prompt_tokens(messages: Sequence[dict[str, str]], count_tokens: Callable[[str], int]) -> int:
+    """What chat-template messages cost in tokens, as the dataset's budget and serving count it."""
+    return sum(turn_tokens(m["content"], count_tokens) for m in messages)
