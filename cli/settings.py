@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     llm_base_url: str | None = None
     llm_model: str = "clone"
     llm_api_key: SecretStr | None = None
+    clone_api_key: SecretStr | None = None  # the key `clone serve-model` requires of its callers
     # Platforms.
     telegram_token: SecretStr | None = None
     telegram_base_url: str | None = None

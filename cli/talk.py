@@ -140,10 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_serve_model(args: argparse.Namespace) -> None:
-    from bot.generation import LocalBackend, load_clone
-    from bot.serve_model import serve
+    from bot.generation import load_clone
+    from bot.serve_model import ServingBackend, serve
 
     session = open_session(args)
+    api_key = args.api_key or session.settings.secret("clone_api_key")
     say_using(session, args)
     persona = session.persona
     try:
@@ -152,7 +153,7 @@ def cmd_serve_model(args: argparse.Namespace) -> None:
         raise CliError(str(e)) from None
     logging.getLogger(__name__).info("Loaded %s", what)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop a server
-        asyncio.run(serve(LocalBackend(model, tokenizer), args.host, args.port, args.model_name))
+        asyncio.run(serve(ServingBackend(model, tokenizer), args.host, args.port, args.model_name, api_key))
 
 
 # -- the parsers --------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--model-name", default="clone", help="the model name clients ask for")
+    p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 "
+                   "(default: CLONE_API_KEY; the setting keeps the key out of the process list)")
     add_persona_option(p)
     add_model_options(p)
     p.set_defaults(func=cmd_serve_model)

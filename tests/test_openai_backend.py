@@ -14,7 +14,7 @@ from bot.engine import Busy, Engine, Generated, Incoming
 from bot.generation import GenerationSettings, LocalBackend
 from bot.memory import ChannelKey, EmbeddedMemory
 from bot.openai_backend import OpenAIBackend, backend_from_env
-from bot.serve_model import PROMPT_TOKENS, fit, make_app
+from bot.serve_model import PROMPT_TOKENS, ServingBackend, fit, make_app
 from training.base_model import load_model, resolve_base, token_counter
 from training.persona import Persona
 from training.prompt import turn_text
@@ -27,8 +27,8 @@ def tiny_model(tiny_base):
     return load_model(resolve_base(str(tiny_base)))
 
 
-def local(model, tokenizer, **settings) -> LocalBackend:
-    return LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=6, **settings))
+def local(model, tokenizer, **settings) -> ServingBackend:
+    return ServingBackend(model, tokenizer, GenerationSettings(max_new_tokens=6, **settings))
 
 
 @asynccontextmanager
@@ -59,7 +59,7 @@ def test_a_reply_comes_back_as_text_without_template_markers(tiny_model, tokeniz
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             reply = await client.generate(HELLO)
             async with httpx.AsyncClient() as http:
                 full = (await http.post(f"{url}/chat/completions", json={"messages": HELLO})).json()
@@ -93,7 +93,7 @@ def test_concurrent_requests_all_get_answers_in_batches(tiny_model, tokenizer):
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             convs = [[{"role": "user", "content": f"hi number {i}"}] for i in range(6)]
             out = await asyncio.gather(*(client.generate(c) for c in convs))
             await client.close()
@@ -113,7 +113,6 @@ def test_concurrent_requests_all_get_answers_in_batches(tiny_model, tokenizer):
     ({"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": 5}]},
      "messages[1].content must be a string"),
     ({"messages": [{"role": "user"}]}, "messages[0].content must be a string"),
-    ({"messages": HELLO, "stream": True}, "streaming is not supported"),
     ([1, 2], "the body must be a JSON object"),
     (None, "the body is not valid JSON"),
 ])
@@ -140,7 +139,7 @@ def test_the_client_names_the_status_but_never_the_message_text(tiny_model, toke
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             try:
                 await client.generate([{"role": "tool", "content": "my secret plans"}])
             finally:
@@ -161,7 +160,7 @@ def test_a_failed_generation_is_a_500_and_a_runtime_error(tiny_model, tokenizer)
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             try:
                 await client.generate(HELLO)
             finally:
@@ -183,7 +182,7 @@ def test_a_full_queue_is_429_and_the_client_raises_busy(tiny_model, tokenizer):
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             results = await asyncio.gather(*(client.generate(HELLO) for _ in range(6)),
                                            return_exceptions=True)
             async with httpx.AsyncClient() as http:  # the status itself, once the queue is full
@@ -224,7 +223,7 @@ def test_the_engine_works_end_to_end_over_http(tiny_model, tokenizer, tmp_path):
 
     async def scenario():
         async with server(backend) as url:
-            client = OpenAIBackend(url, "clone")
+            client = OpenAIBackend(url, "clone", max_tokens=6)
             engine = Engine(Persona(name="Sam"), client, memory, token_counter(tokenizer))
             replies = await engine.handle(Incoming("terminal", "c1", "u1", "Ana", "hello there"))
             turns, _ = await memory.recall(ChannelKey("sam", "terminal", "c1"))
