@@ -18,6 +18,12 @@ matmul's FLOP/s measured in the same run.
 
     python benchmarks/train_throughput.py               # 24 steps each (a few minutes)
     python benchmarks/train_throughput.py --steps 8     # quick check
+
+On a CUDA machine the Trainer runs both on the GPU (ours in bf16, or fp16 on a GPU without bf16),
+peak GPU memory is reported beside the RSS, and the reference matmul runs on the GPU in ours'
+precision. `--batch-size` trades the CPU default (4) for a GPU-sized batch; `--data` takes an
+already prepared dataset instead of preparing the sample persona (which needs the packaged base
+model's tokenizer, and the exports).
 """
 
 from __future__ import annotations
@@ -51,7 +57,14 @@ def prepare_sample(folder: Path) -> Path:
     return copy / "dataset"
 
 
-def child(mode: str, data: Path, steps: int, work: Path) -> dict:
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dict:
     import torch
 
     from training import train as t
@@ -60,7 +73,8 @@ def child(mode: str, data: Path, steps: int, work: Path) -> dict:
     naive = mode == "baseline"
     if not naive:
         t.tune_allocator()
-    cfg = t.TrainConfig(data=data, out=work, max_steps=steps, eval_steps=10**6, save_steps=10**6)
+    cfg = t.TrainConfig(data=data, out=work, max_steps=steps, eval_steps=10**6, save_steps=10**6,
+                        batch_size=batch_size)
     if naive:  # LoRA as commonly configured: every linear layer of every block, with dropout
         cfg.lora_dropout, cfg.lora_top_layers = 0.05, 1.0
     base = resolve_base()
@@ -91,11 +105,13 @@ def child(mode: str, data: Path, steps: int, work: Path) -> dict:
     class Clock(t.TrainerCallback):  # time from the end of step 1: the first step warms up
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 1:
+                sync()
                 self.start, self.tokens, self.labelled = time.perf_counter(), trainer.tokens_seen, labelled[0]
 
     clock = Clock()
     trainer.add_callback(clock)
     trainer.train()
+    sync()
     seconds = time.perf_counter() - clock.start
     tokens = trainer.tokens_seen - clock.tokens
     labels = labelled[0] - clock.labelled
@@ -107,9 +123,12 @@ def child(mode: str, data: Path, steps: int, work: Path) -> dict:
     # FLOPs actually needed: forward 2 per weight per token; backward 2 more, but only for
     # activation gradients (the base is frozen) and only down to the lowest adapted layer.
     flops = (2 + 2 * adapted) * body * tokens + 4 * d * vocab * head_positions
+    cuda = torch.cuda.is_available()
     return {
         "mode": mode,
         "precision": precision,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "batch_size": batch_size,
         "lora_layers": f"top {adapted:.0%}",
         "steps": steps - 1,
         "tokens": tokens,
@@ -118,64 +137,107 @@ def child(mode: str, data: Path, steps: int, work: Path) -> dict:
         "tokens_per_second": round(tokens / seconds, 1),
         "flops_per_second": flops / seconds,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "threads": torch.get_num_threads(),
     }
 
 
-def matmul_flops() -> float:
-    """FLOP/s of a plain fp32 matmul shaped like the model's MLP, in this process."""
+def matmul_flops(precision: str) -> float:
+    """FLOP/s of a plain matmul shaped like the model's MLP, in this process: fp32 on a CPU, in
+    `precision` on a GPU."""
     import torch
 
-    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    cuda = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if cuda else None
+    a = torch.randn(2048, 576, device="cuda" if cuda else "cpu", dtype=dtype)
+    b = torch.randn(576, 1536, device=a.device, dtype=dtype)
     for _ in range(5):
         a @ b
-    n, start = 50, time.perf_counter()
+    n = 500 if cuda else 50
+    sync()
+    start = time.perf_counter()
     for _ in range(n):
         a @ b
+    sync()
     return 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start)
+
+
+def run_child(mode: str, data: Path, steps: int, batch_size: int) -> dict:
+    """One set-up in its own process; a failure (a GPU out of memory, say) is recorded as the
+    error's line, its stderr passed on, so that the other set-up is still measured."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--data", str(data), "--steps", str(steps),
+         "--batch-size", str(batch_size)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    if done.returncode:
+        sys.stderr.write(done.stderr[-4000:])
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])
+        return {"mode": mode, "error": error.strip()}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(runs: dict, key: str) -> float | None:
+    ours, base = runs["ours"].get(key), runs["baseline"].get(key)
+    return round(ours / base, 2) if ours and base else None
+
+
+def summarise(runs: dict) -> dict:
+    ours = runs["ours"]
+    peak = matmul_flops(ours["precision"])
+    for r in runs.values():
+        if "error" not in r:
+            r["matmul_fraction"] = round(r["flops_per_second"] / peak, 3)
+    return {
+        "runs": runs,
+        "matmul_gflops": round(peak / 1e9, 1),
+        "matmul_precision": ours["precision"] if ours["device"] != "cpu" else "fp32",
+        "speedup": ratio(runs, "tokens_per_second"),
+        "peak_memory_ratio": ratio(runs, "peak_rss_gb"),
+        "peak_gpu_memory_ratio": ratio(runs, "peak_gpu_gb"),
+    }
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'':10}{'tok/s':>8}{'peak RSS':>10}{'GFLOP/s':>9}{'of matmul':>11}  precision")
+    for name, r in summary["runs"].items():
+        if "error" in r:
+            print(f"{name:10}failed: {r['error']}")
+            continue
+        gpu = f"  peak GPU {r['peak_gpu_gb']} GB on {r['device']}" if r["peak_gpu_gb"] is not None else ""
+        print(f"{name:10}{r['tokens_per_second']:>8.0f}{r['peak_rss_gb']:>8.1f}GB"
+              f"{r['flops_per_second'] / 1e9:>9.1f}{r['matmul_fraction']:>10.1%}  {r['precision']}{gpu}")
+    print(f"plain {summary['matmul_precision']} matmul: {summary['matmul_gflops']} GFLOP/s")
+    if summary["speedup"]:
+        print(f"speed-up ours/baseline: {summary['speedup']}x; peak memory ours/baseline: "
+              f"{summary['peak_memory_ratio']}" + (f" (GPU: {summary['peak_gpu_memory_ratio']})"
+                                                   if summary["peak_gpu_memory_ratio"] else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=4, help="samples in one batch (clone train's: 4)")
+    ap.add_argument("--data", type=Path, help="a prepared dataset folder (default: the sample persona's)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
-    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as work:
-            print(json.dumps(child(args.child, args.data, args.steps, Path(work))))
+            print(json.dumps(child(args.child, args.data, args.steps, Path(work), args.batch_size)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_sample(Path(tmp))
-        runs = {}
-        for mode in ("baseline", "ours"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--data", str(data), "--steps", str(args.steps)],
-                check=True, capture_output=True, text=True, cwd=REPO,
-            ).stdout
-            runs[mode] = json.loads(out.strip().splitlines()[-1])
-    peak = matmul_flops()
-    for r in runs.values():
-        r["matmul_fraction"] = round(r["flops_per_second"] / peak, 3)
-    base, ours = runs["baseline"], runs["ours"]
-    summary = {
-        "runs": runs,
-        "matmul_gflops": round(peak / 1e9, 1),
-        "speedup": round(ours["tokens_per_second"] / base["tokens_per_second"], 2),
-        "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 2),
-    }
+        data = args.data or prepare_sample(Path(tmp))
+        runs = {mode: run_child(mode, data, args.steps, args.batch_size) for mode in ("baseline", "ours")}
+    if "error" in runs["ours"]:
+        sys.exit(f"ours failed: {runs['ours']['error']}")
+    summary = summarise(runs)
     if args.json:
         print(json.dumps(summary))
-        return
-    print(f"{'':10}{'tok/s':>8}{'peak RSS':>10}{'GFLOP/s':>9}{'of matmul':>11}  precision")
-    for name, r in runs.items():
-        print(f"{name:10}{r['tokens_per_second']:>8.0f}{r['peak_rss_gb']:>8.1f}GB"
-              f"{r['flops_per_second'] / 1e9:>9.1f}{r['matmul_fraction']:>10.1%}  {r['precision']}")
-    print(f"plain fp32 matmul: {summary['matmul_gflops']} GFLOP/s")
-    print(f"speed-up ours/baseline: {summary['speedup']}x; peak memory ours/baseline: "
-          f"{summary['peak_memory_ratio']}")
+    else:
+        print_table(summary)
 
 
 if __name__ == "__main__":
