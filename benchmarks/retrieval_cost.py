@@ -20,7 +20,7 @@ Texts are the sample persona's Telegram messages (persona_data/sample/exports/re
 cycled and paired with one another to reach `--items` distinct exchanges.
 
     python benchmarks/retrieval_cost.py            # 100,000 items, 2,000 embedded (a few minutes)
-    python benchmarks/retrieval_cost.py --quick    # 5,000 items, 200 embedded (about 30 s)
+    python benchmarks/retrieval_cost.py --quick    # 5,000 items, 200 embedded (under a minute)
     python benchmarks/retrieval_cost.py --json
     OPENBLAS_NUM_THREADS=1 python benchmarks/retrieval_cost.py   # search on one BLAS thread
     python benchmarks/retrieval_cost.py --threads 1              # the model on one torch thread
@@ -202,8 +202,9 @@ def report(r: dict) -> None:
     print(f"{r['items']:,} items ({r['unique_texts']:,} distinct texts), {r['cpus']} CPUs, "
           f"torch threads {r['torch_threads']}, BLAS threads {r['blas_threads_env']}; model loaded in "
           f"{r['model_load_s']} s")
-    print(f"load average (1, 5, 15 min) before {r['load_before']}, after {r['load_after']}: "
-          f"above {r['cpus']}, other processes share the cores and every time here grows")
+    busy = max(r["load_before"][0], r["load_after"][0]) >= 0.5
+    print(f"load average (1, 5, 15 min) before {r['load_before']}, after {r['load_after']}"
+          + (": other processes share the cores, so every time here is an upper bound" if busy else ""))
     print(f"\nbuild: {b['measured_items']:,} real texts embedded in {b['measured_s']} s "
           f"({b['texts_per_s']:,.0f} texts/s); the rest of a {r['items']:,}-item build "
           f"(dedup, stacking) {b['overhead_at_full_size_s']} s")
