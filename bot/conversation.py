@@ -29,8 +29,8 @@ DEFAULT_ABOUT = (
 )
 HELP = (
     "Talk to me in {reach}.\n"
-    "/reset - forget this {chat}'s conversation\n"
-    "/forget - delete everything you said to me, in every {chat}\n"
+    "/reset - forget this {chat}'s recent conversation (what you told me, I still remember)\n"
+    "/forget - delete everything you said to me, in every {chat}, and all I remember of you\n"
     "/about - what this bot is"
 )
 COMMANDS = ("/reset", "/forget", "/help", "/start", "/about")  # /start: Telegram's first contact

@@ -1,9 +1,11 @@
 """The chat engine: a message comes in, the clone's messages go out. It knows no platform.
 
-cut a message longer than any prompt to its end -> recall the channel's recent conversation ->
-build the prompt through the prompt contract (the one training used) -> generate (a backend that
-cannot answer gets an apology sent instead) -> post-process into a burst of messages -> remember
-the exchange, unless the channel was reset meanwhile.
+cut a message longer than any prompt to its end -> recall the channel's recent conversation, and
+(with a Recaller) the knowledge, past exchanges and earlier words of this user that match the
+message -> build the prompt through the prompt contract (the one training used) -> generate (a
+backend that cannot answer gets an apology sent instead) -> post-process into a burst of
+messages -> remember the exchange, unless the channel was reset meanwhile, and the message in
+this user's long-term memory.
 
 The generation contract lives here too (`Backend`, `Generated`, `Busy`), so the engine never
 imports torch: a bot that generates on a remote server (`LLM_BASE_URL`) never loads it.
@@ -20,10 +22,14 @@ from typing import Protocol
 
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
+from bot.recall import Asked, Recaller
 from training.persona import Persona
 from training.prompt import (
     CHARS_PER_TOKEN,
+    RECALL_TOKENS,
+    Recalled,
     Utterance,
+    fit_recalled,
     keep_end,
     keep_end_within,
     prompt_tokens,
@@ -91,9 +97,12 @@ class Engine:
         memory: Memory,
         count_tokens: Callable[[str], int],
         prompt_tokens: int = 512,  # the dataset's sample budget: the context the clone was trained on
+        recaller: Recaller | None = None,
+        recall_tokens: int = RECALL_TOKENS,  # of prompt_tokens, at most, for recalled items
     ) -> None:
         self.persona, self.backend, self.memory = persona, backend, memory
         self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
+        self.recaller, self.recall_tokens = recaller, recall_tokens
         self._order = KeyedLocks()
 
     def key(self, platform: str, channel: str) -> ChannelKey:
@@ -105,15 +114,17 @@ class Engine:
         order, while other channels go on in parallel."""
         return self._order.hold(self.key(platform, channel).base())
 
-    def prompt(self, history: list[Turn], incoming: Incoming) -> list[dict[str, str]]:
-        """The prompt contract over as much recent history as fits the token budget; a message
-        over the budget on its own keeps its end."""
+    def prompt(self, history: list[Turn], incoming: Incoming,
+               recalled: list[Recalled] | None = None) -> list[dict[str, str]]:
+        """The prompt contract over the recalled items and as much recent history as fits the
+        token budget; a message over the budget on its own keeps its end."""
+        recalled = recalled or []
         others = {t.author_id for t in history if not t.from_persona} | {incoming.author_id}
         group = not incoming.is_dm or len(others) > 1
         utterances = [Utterance(t.author, t.text, t.from_persona) for t in history]
         utterances.append(Utterance(incoming.author, incoming.text, False))
         while True:
-            messages = to_chat_messages(self.persona, utterances, group)
+            messages = to_chat_messages(self.persona, utterances, group, recalled)
             size = prompt_tokens(messages, self.count_tokens)
             if size <= self.prompt_tokens:
                 return messages
@@ -123,7 +134,7 @@ class Engine:
             [alone] = utterances  # the incoming message, over the budget by itself
             room = self.prompt_tokens - (size - self.count_tokens(alone.text))
             text = keep_end_within(alone.text, self.count_tokens, room)
-            return to_chat_messages(self.persona, [replace(alone, text=text)], group)
+            return to_chat_messages(self.persona, [replace(alone, text=text)], group, recalled)
 
     async def handle(self, incoming: Incoming) -> list[str]:
         started = time.monotonic()
@@ -133,7 +144,10 @@ class Engine:
         incoming = replace(incoming, text=keep_end(incoming.text, self.prompt_tokens * CHARS_PER_TOKEN))
         key = self.key(incoming.platform, incoming.channel)
         history, epoch = await self.memory.recall(key)
-        raw = await self._generate(self.prompt(history, incoming), incoming)
+        asked = Asked(incoming.platform, incoming.author_id, incoming.author, incoming.text)
+        vector = await self.recaller.embed(incoming.text) if self.recaller else None
+        recalled = await self._recall(asked, vector, history)
+        raw = await self._generate(self.prompt(history, incoming, recalled), incoming)
         if isinstance(raw, str):  # the backend could not answer: say so, remember nothing
             return [raw]
         speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
@@ -143,12 +157,23 @@ class Engine:
         if replies:
             turns.append(Turn("persona", self.persona.name, "\n".join(replies), True, now))
         await self.memory.append(key, turns, epoch)  # refused if the channel was reset meanwhile
+        if self.recaller is not None and vector is not None:
+            await self.recaller.remember(asked, vector, now)
         log.info(
             "reply platform=%s channel=%s in_chars=%d out_messages=%d history=%d took=%.2fs",
             incoming.platform, incoming.channel, in_chars, len(replies), len(history),
             time.monotonic() - started,
         )
         return replies
+
+    async def _recall(self, asked: Asked, vector, history: list[Turn]) -> list[Recalled]:
+        """The recalled items that fit their budget; none without a Recaller. What the rolling
+        window still shows (from its oldest turn on) is not recalled again."""
+        if self.recaller is None or vector is None:
+            return []
+        before = history[0].at if history else None
+        found = await self.recaller.recall(asked, vector, before)
+        return fit_recalled(found, self.count_tokens, self.recall_tokens)
 
     async def _generate(self, messages: list[dict[str, str]], incoming: Incoming) -> Generated | str:
         """The model's turn, or the apology to send instead when the backend cannot answer."""
@@ -171,5 +196,9 @@ class Engine:
         await self.memory.reset(self.key(platform, channel))
 
     async def forget(self, author_id: str) -> int:
-        """Delete what `author_id` said, everywhere; raises MemoryUnavailable when it could not."""
-        return await self.memory.forget_user(self.persona.id, author_id)
+        """Delete what `author_id` said, everywhere (conversations and long-term memory); raises
+        MemoryUnavailable when it could not."""
+        deleted = await self.memory.forget_user(self.persona.id, author_id)
+        if self.recaller is not None:  # mostly the same messages again: count them once
+            deleted = max(deleted, await self.recaller.forget(author_id))
+        return deleted

@@ -1,9 +1,11 @@
 """The parts of one clone process, built once from plain values: one Redis connection pool, the
-conversation memory, the gate, the generation backend and the engine over them.
+conversation memory, the gate, the generation backend, the recall (persona index, long-term
+memory and the embedding model behind both) and the engine over them.
 
 `clone chat` and `clone serve` (and later the owner's console) share this wiring. With a remote
-generation server (`LLM_BASE_URL`) nothing here imports torch: prompt budgets are counted with
-the `tokenizers` library straight from a tokenizer.json.
+generation server (`LLM_BASE_URL`) and recall off, nothing here imports torch: prompt budgets are
+counted with the `tokenizers` library straight from a tokenizer.json. Recall embeds every
+message with a small model that runs on torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
+from bot.recall import Recaller
 from training.persona import Persona
 
 
@@ -46,10 +49,13 @@ class Runtime:
     gate: Gate
     redis: Any | None
     what: str  # what answers, for the user: "adapter 20261127-101500", "server http://..."
+    recaller: Recaller | None = None
 
     async def close(self) -> None:
         await self.backend.close()
         await self.memory.close()
+        if self.recaller is not None:
+            await self.recaller.close()
         await self.gate.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -91,11 +97,50 @@ def local_backend(persona: Persona, choice: ModelChoice) -> tuple[Backend, Calla
     return LocalBackend(model, tokenizer), token_counter(tokenizer), what
 
 
+@dataclass(frozen=True)
+class RecallChoice:
+    """Whether the clone recalls (knowledge, past exchanges, users' earlier words), and how long
+    and how much it keeps of what each user said."""
+
+    enabled: bool = True
+    longterm_days: float = 90.0
+    longterm_items: int = 500
+    longterm_file: Path | None = None  # without Redis; default: the persona folder's longterm.json
+
+
+def index_folder(persona: Persona, version: str | None) -> Path | None:
+    """The persona index that goes with the adapter answering (its own copy), else the dataset's."""
+    from training import adapters
+
+    assert persona.adapters is not None and persona.dataset is not None
+    active = version or adapters.active_version(persona.adapters)
+    if active and (persona.adapters / active / "index").is_dir():
+        return persona.adapters / active / "index"
+    return persona.dataset / "index" if (persona.dataset / "index").is_dir() else None
+
+
+def build_recaller(
+    persona: Persona, version: str | None, redis: Any | None, choice: RecallChoice,
+) -> Recaller:
+    from bot.longterm import open_longterm
+    from bot.recall import IndexFollower
+    from training.embed import Embedder
+
+    embedder = Embedder()
+    folder = index_folder(persona, version)
+    index = IndexFollower(folder, embedder.name) if folder else None
+    assert persona.root is not None
+    path = choice.longterm_file or persona.root / "longterm.json"
+    longterm = open_longterm(redis, path, max_items=choice.longterm_items, ttl_days=choice.longterm_days)
+    return Recaller(persona.id, embedder, index, longterm, persona.blocklist)
+
+
 def build_runtime(
     persona: Persona, choice: ModelChoice, *, redis_url: str | None = None,
-    memory_file: Path | None = None, rules: Rules | None = None,
+    memory_file: Path | None = None, rules: Rules | None = None, recall: RecallChoice | None = None,
 ) -> Runtime:
     """Everything a chat or a bot needs, over one Redis pool when `redis_url` is given."""
+    recall = recall or RecallChoice()
     if choice.remote is not None:
         backend, count, what = remote_backend(persona, choice.remote, choice.version)
     else:
@@ -103,5 +148,6 @@ def build_runtime(
     redis = connect_redis(redis_url) if redis_url else None
     memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
     gate = open_gate(persona, rules, redis)  # the persona's [serve] rules unless given
-    engine = Engine(persona, backend, memory, count)
-    return Runtime(engine, backend, memory, gate, redis, what)
+    recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
+    engine = Engine(persona, backend, memory, count, recaller=recaller)
+    return Runtime(engine, backend, memory, gate, redis, what, recaller)

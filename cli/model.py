@@ -15,7 +15,7 @@ from training.config import TrainConfig
 from training.persona import add_exports
 
 TRAIN_FIELDS = ["epochs", "max_steps", "max_minutes", "learning_rate", "batch_size", "lora_r", "seed",
-                "precision"]
+                "precision", "knowledge_share"]
 
 
 def train_config(session: Session, args: argparse.Namespace) -> TrainConfig:
@@ -112,6 +112,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from bot.quiz import ask_persona
     from training.evaluate import evaluate
 
     session = open_session(args)
@@ -122,17 +123,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
         using(persona, dataset=True, adapter=f"adapter {version or '-'}")
     try:
         result = evaluate(persona.adapters, persona.dataset, version, samples=args.samples,
-                          persona_id=persona.id, base=args.base)
+                          persona_id=persona.id, base=args.base,
+                          quiz=lambda model, tok, folder: ask_persona(persona, model, tok, folder / "index"))
     except adapters.AdapterError as e:
         raise CliError(str(e)) from None
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, ensure_ascii=False))
         return
-    ppl = result["perplexity"]
+    print_eval(result)
+
+
+def print_eval(result: dict) -> None:
+    ppl, known, context = result["perplexity"], result.get("knowledge"), result.get("context_gain")
+    print(result["verdict"])
     print(f"Adapter {result['version']} on {result['val_replies']} held-out replies:")
     for name in ("base", "prompted", "adapter"):
         print(f"  perplexity {name:<9}{ppl[name]:>10.2f}")
     print(f"  adapter / prompted {ppl['adapter'] / ppl['prompted']:>8.3f}")
+    print(f"  retrieval gain     {ppl['adapter_no_recall'] / ppl['adapter']:>8.3f}  (perplexity without "
+          f"recalled items / with; base model {ppl['base_no_recall'] / ppl['base']:.3f})")
+    if context:
+        print(f"  context gain       {context['adapter']:>8.3f}  (wrong conversation / true; "
+              f"base model {context['base']:.3f})")
+    if known:
+        print(f"  knowledge          {known['right']:>4} of {known['asked']} questions answered right")
     print(f"Report: {shown(Path(result['report']))}")
 
 

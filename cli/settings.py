@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     clone_memory_file: Path | None = Field(None, description="embedded memory file")
     clone_adapter_check_s: float = Field(10.0, gt=0, description="how often serve checks `active`")
     clone_typing_delay: bool = Field(True, description="pace the terminal chat like a person")
+    clone_recall: bool = Field(True, description="recall knowledge, past replies and users' words")
+    clone_longterm_days: float = Field(90.0, gt=0, description="days a user's words are remembered")
+    clone_longterm_items: int = Field(500, ge=1, description="words remembered per user and platform")
     # Well under the platforms' SIGKILL (Fly 5 s by default, Heroku 30 s): what is not answered by
     # then is left to the next process.
     clone_stop_grace_s: float = Field(8.0, ge=0, le=300, description="SIGTERM: time to finish replies")

@@ -80,7 +80,8 @@ def tiny_dataset(tmp_path_factory, count_tokens) -> Path:
     from training.persona import Persona
 
     folder = tmp_path_factory.mktemp("data") / "dataset"
-    prepared = build(chat_messages(), Persona(name="Sam", me=("u1",)),
-                     PrepareConfig(me=["u1"], val_fraction=0.2, max_tokens=128), count_tokens)
+    # No persona index here (training.prepare builds one): no room kept for recalled items.
+    cfg = PrepareConfig(me=["u1"], val_fraction=0.2, max_tokens=128, recall_tokens=0)
+    prepared = build(chat_messages(), Persona(name="Sam", me=("u1",)), cfg, count_tokens)
     write(prepared, folder)
     return folder

@@ -186,7 +186,7 @@ def test_prepare_with_no_sample_fails_and_keeps_the_old_dataset(tmp_path, capsys
                           me=["Alice"])
     assert run(["prepare", "--persona", persona], capsys)[0] == 0
     dataset = persona / "dataset"
-    before = {p.name: p.read_bytes() for p in dataset.iterdir()}
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
     # New exports in which Alice only ever sends photos: she is there, but no text of hers is kept.
     shutil.rmtree(persona / "exports")
     (persona / "exports").mkdir()
@@ -198,5 +198,5 @@ def test_prepare_with_no_sample_fails_and_keeps_the_old_dataset(tmp_path, capsys
     [line] = err.strip().splitlines()
     assert line.startswith("clone prepare: error: ") and "no training sample" in line
     assert str(dataset) in line and "unchanged" in line
-    assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before  # byte for byte
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before  # byte for byte
     assert sorted(p.name for p in persona.iterdir()) == ["dataset", "exports", "persona.toml"]

@@ -170,7 +170,7 @@ def test_chat_through_a_served_model_over_http_never_loads_torch(tiny_base, tmp_
         chat = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "cli", "chat", "--persona", str(persona)],
             input="hi over http\n", capture_output=True, text=True, cwd=REPO, timeout=120,
-            env=chat_env(tmp_path, LLM_BASE_URL=url),
+            env=chat_env(tmp_path, LLM_BASE_URL=url, CLONE_RECALL="0"),
         )
     assert chat.returncode == 0, chat.stderr
     assert f"(server {url})" in chat.stdout

@@ -215,7 +215,7 @@ def test_eval_scores_three_models_and_writes_a_report(tiny_base, tiny_dataset, t
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     ppl = result["perplexity"]
-    assert set(ppl) == {"base", "prompted", "adapter"}
+    assert set(ppl) == {"base", "prompted", "adapter", "base_no_recall", "adapter_no_recall"}
     assert ppl["adapter"] < ppl["base"]
     assert result["val_replies"] > 0
     report = Path(result["report"])

@@ -28,6 +28,9 @@ class PrepareConfig:
         "help": "Share of the conversations held out for validation."})
     seed: int = field(default=0, metadata={
         "help": "Seed of the train/validation split."})
+    # training.prompt.RECALL_TOKENS; a literal here keeps this module free of imports.
+    recall_tokens: int = field(default=128, metadata={
+        "help": "Tokens of each sample kept for recalled knowledge and past exchanges."})
 
 
 @dataclass
@@ -69,6 +72,8 @@ class TrainConfig:
     # keeping activations (top half: measured 1.4x faster, and less memory).
     lora_top_layers: float = field(default=0.5, metadata={
         "help": "Share of the layers, from the top, that get LoRA (1: all of them)."})
+    knowledge_share: float = field(default=0.25, metadata={
+        "help": "Share of the training samples that are knowledge-base answers (repeated to reach it)."})
     # The dataset's budget is 512.
     max_length: int = field(default=640, metadata={
         "help": "Longest sample in tokens; longer ones are cut."})

@@ -8,7 +8,10 @@ Read top to bottom, this is the whole pipeline:
   4. converse    per chat, in time order, split at a silence gap unless a reply links across it
   5. window      each conversation cut into multi-turn samples that fit a token budget
   6. split       train/validation by conversation, deterministic for a seed
-  7. write       into a staging folder, renamed into place only when complete
+  7. recallable  the knowledge base's facts and the training conversations' exchanges, as
+                 items for the persona index (training.index embeds them and gives every
+                 sample what serving would recall for it)
+  8. write       into a staging folder, renamed into place only when complete
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from pathlib import Path
 
 from training.atomic import staged_dir
 from training.config import PrepareConfig  # re-exported: its home was here
+from training.importers.tables import PLATFORM as TABLE_PLATFORM
+from training.importers.tables import QA_ANSWERER, QA_ASKER
+from training.knowledge import Item, exchanges
 from training.message import ImportReport, Message
 from training.persona import Persona
 from training.privacy import Redactor
@@ -48,6 +54,7 @@ class DatasetCard:
     tokens: dict = field(default_factory=dict)
     date_range: dict = field(default_factory=dict)
     redactions: dict = field(default_factory=dict)
+    index: dict | None = None  # the persona index: embedding model, item counts, fingerprint
     fingerprint: str = ""
 
 
@@ -76,6 +83,8 @@ class PersonMatcher:
         self.keys = {m.strip().casefold() for m in me if m.strip()}
 
     def __call__(self, m: Message) -> bool:
+        if m.platform == TABLE_PLATFORM and m.author_id == QA_ANSWERER:
+            return True  # a question/answer table's answers are the person's, whoever `me` is
         return any(
             v is not None and v.strip().casefold() in self.keys for v in (m.author_id, m.author)
         )
@@ -289,6 +298,7 @@ class Prepared:
     train: list[dict]
     val: list[dict]
     card: DatasetCard
+    items: list[Item] = field(default_factory=list)  # what the persona index is built from
 
 
 class _Windower:
@@ -298,19 +308,22 @@ class _Windower:
         self.persona = persona
         self.count = functools.lru_cache(maxsize=65536)(count_tokens)
         self.system_cost = turn_tokens(to_chat_messages(persona, [])[0]["content"], self.count)
-        self.budget = cfg.max_tokens - self.system_cost
+        # Recalled items join the system prompt later (training.index): their room is kept.
+        self.budget = cfg.max_tokens - self.system_cost - cfg.recall_tokens
 
     def cost(self, piece: list[Utterance], group: bool) -> int:
         return turn_tokens(to_chat_messages(self.persona, piece, group)[1]["content"], self.count)
 
     def samples(
-        self, utts: list[Utterance], group: bool, skipped: Counter[str]
+        self, utts: list[Utterance], conv: Conversation, skipped: Counter[str]
     ) -> list[tuple[dict, int]]:
         """Each sample of one conversation with its token count."""
-        cost = functools.partial(self.cost, group=group)
+        cost = functools.partial(self.cost, group=conv.group)
         out = []
         for w in windows(utts, cost, self.budget, skipped):
-            sample = {"messages": to_chat_messages(self.persona, w, group)}
+            sample = {"messages": to_chat_messages(self.persona, w, conv.group), "conversation": conv.key}
+            if is_knowledge(conv):
+                sample["knowledge"] = True
             tokens = self.system_cost + prompt_tokens(sample["messages"][1:], self.count)
             out.append((sample, tokens))
         return out
@@ -322,6 +335,7 @@ class _Tally:
 
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     stats: Counter[str] = field(default_factory=Counter)
     first: datetime | None = None
     last: datetime | None = None
@@ -360,8 +374,22 @@ def sample_all(
             skipped["message in a conversation without the person"] += len(utts)
             continue
         side = "val" if conv.key in val_keys else "train"
-        tally.add(conv, utts, side, windower.samples(utts, conv.group, skipped))
+        tally.add(conv, utts, side, windower.samples(utts, conv, skipped))
+        tally.items.extend(recallable(conv, utts, side))
     return tally
+
+
+def is_knowledge(conv: Conversation) -> bool:
+    """A question/answer table's row: the person's knowledge base, not a chat."""
+    return conv.messages[0].platform == TABLE_PLATFORM and any(m.author_id == QA_ASKER for m in conv.messages)
+
+
+def recallable(conv: Conversation, utts: list[Utterance], side: str) -> list[Item]:
+    """Step 7: the knowledge base's facts, whatever their split (the clone should know them all),
+    and the person's exchanges of training conversations (validation measures what they add)."""
+    if is_knowledge(conv):
+        return list(exchanges(utts, conv.key, kind="fact"))
+    return list(exchanges(utts, conv.key)) if side == "train" else []
 
 
 def _card(
@@ -425,7 +453,7 @@ def build(
     redact_all(chats, Redactor(persona.blocklist), redactions)
     tally = sample_all(conversations(chats, cfg), persona, cfg, count_tokens, skipped)
     card = _card(persona, cfg, report, read, tally, skipped, redactions)
-    return Prepared(tally.train, tally.val, card)
+    return Prepared(tally.train, tally.val, card, tally.items)
 
 
 def _jsonl(samples: list[dict]) -> str:
@@ -440,9 +468,12 @@ def fingerprint(train: list[dict], val: list[dict]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def write(prepared: Prepared, out: Path) -> None:
-    """Write the dataset folder atomically: all three files appear together, or none changes."""
+def write(prepared: Prepared, out: Path, index=None) -> None:
+    """Write the dataset folder atomically: its files and the persona index (a
+    training.index.PersonaIndex, when given) appear together, or nothing changes."""
     with staged_dir(out) as tmp:
+        if index is not None:
+            index.save(tmp / "index")
         (tmp / "train.jsonl").write_text(_jsonl(prepared.train), encoding="utf-8")
         (tmp / "val.jsonl").write_text(_jsonl(prepared.val), encoding="utf-8")
         card = json.dumps(asdict(prepared.card), ensure_ascii=False, indent=2) + "\n"

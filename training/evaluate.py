@@ -6,6 +6,10 @@ person's real replies, token by token:
   prompted  the same, with a handful of the person's own messages as examples in the system
             prompt: what a user would try without fine-tuning
   adapter   the fine-tuned clone
+each with the items recalled for the reply (as served) and, for base and adapter, without them
+(retrieval gain: perplexity without / with). Context gain: the perplexity of the person's last
+reply after another conversation / after its own; a clone that ignores the conversation
+scores about 1.
 Then the clone and the base model write replies to the same contexts, and the style of the
 clone's replies is compared with the real ones (length, bursts, case, punctuation, emoji...).
 """
@@ -15,20 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from training import adapters
-from training.encode import encode, load_jsonl
+from training.encode import IGNORE, encode, load_jsonl
 from training.generate import generate_turns
-from training.prompt import turn_text
-from training.report import write_report
+from training.prompt import RECALL_HEADER, turn_text
+from training.report import verdict, write_report
 from training.style import compare_style
 from training.train import mean_nll
 
 N_EXAMPLES = 8  # the person's messages shown to the prompted baseline
+CONTEXT_SAMPLES = 64  # validation samples scored for the context gain
 
 
 def example_lines(train: list[dict], n: int = N_EXAMPLES) -> list[str]:
@@ -75,21 +81,66 @@ def context_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages[1:])
 
 
-def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[dict[str, float], int]:
-    """Per-token perplexity of the real replies under base, prompted base and adapter."""
+def without_recall(messages: list[dict]) -> list[dict]:
+    """The sample as a clone without recall sees it: the system prompt's recalled items gone."""
+    system = messages[0]["content"].split("\n\n" + RECALL_HEADER)[0]
+    return [{"role": "system", "content": system}, *messages[1:]]
 
-    def rows(prompted: bool = False) -> list[dict]:
-        encoded = (encode(with_examples(s["messages"], lines) if prompted else s["messages"], tokenizer)
-                   for s in val)
+
+def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[dict[str, float], int]:
+    """Per-token perplexity of the real replies under base, prompted base and adapter, with the
+    recalled items and (`*_no_recall`) without."""
+
+    def rows(prompted: bool = False, recall: bool = True) -> list[dict]:
+        chats = (s["messages"] if recall else without_recall(s["messages"]) for s in val)
+        encoded = (encode(with_examples(c, lines) if prompted else c, tokenizer) for c in chats)
         return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
     pad = tokenizer.pad_token_id
     with model.disable_adapter():
         base_nll, n_tokens = mean_nll(model, rows(), pad, desc="Scoring base")
+        base_bare, _ = mean_nll(model, rows(recall=False), pad, desc="Scoring base, no recall")
         prompted_nll, _ = mean_nll(model, rows(prompted=True), pad, desc="Scoring prompted")
     adapter_nll, _ = mean_nll(model, rows(), pad, desc="Scoring adapter")
-    nll = {"base": base_nll, "prompted": prompted_nll, "adapter": adapter_nll}
+    adapter_bare, _ = mean_nll(model, rows(recall=False), pad, desc="Scoring adapter, no recall")
+    nll = {"base": base_nll, "prompted": prompted_nll, "adapter": adapter_nll,
+           "base_no_recall": base_bare, "adapter_no_recall": adapter_bare}
     return {k: round(math.exp(v), 3) for k, v in nll.items()}, n_tokens
+
+
+def last_reply_rows(val: list[dict], tokenizer, wrong: bool) -> list[dict]:
+    """Each sample's last reply of the person, labelled alone, after its own conversation or
+    (`wrong`) after the next sample's; without recalled items, which would tell the true
+    conversation's topic."""
+    pairs = [(without_recall(s["messages"])[:-1], s["messages"][-1]) for s in val
+             if len(s["messages"]) >= 3 and s["messages"][-1]["role"] == "assistant"]
+    rows = []
+    for i, (context, reply) in enumerate(pairs):
+        if wrong:
+            other = pairs[(i + 1) % len(pairs)][0]
+            context = [context[0], *other[1:]]  # the same system prompt, another conversation
+        prefix = len(encode(context, tokenizer, add_generation_prompt=True).input_ids)
+        e = encode([*context, reply], tokenizer)
+        rows.append({"input_ids": e.input_ids, "labels": [IGNORE] * prefix + e.labels[prefix:]})
+    return rows
+
+
+def context_gain(model, tokenizer, val: list[dict]) -> dict[str, float] | None:
+    """Perplexity of the last reply after a wrong conversation / after the true one: adapter and
+    base model. None with fewer than two samples."""
+    if len(val) < 2:
+        return None
+    pad = tokenizer.pad_token_id
+    true_rows, wrong_rows = last_reply_rows(val, tokenizer, False), last_reply_rows(val, tokenizer, True)
+
+    def gain() -> float:
+        true_nll, _ = mean_nll(model, true_rows, pad, desc="Scoring, true context")
+        wrong_nll, _ = mean_nll(model, wrong_rows, pad, desc="Scoring, wrong context")
+        return round(math.exp(wrong_nll - true_nll), 3)
+
+    with model.disable_adapter():
+        base = gain()
+    return {"adapter": gain(), "base": base}
 
 
 def sample_replies(model, tokenizer, val: list[dict], samples: int, max_new_tokens: int) -> dict:
@@ -116,9 +167,11 @@ def evaluate(
     max_new_tokens: int = 48,
     persona_id: str | None = None,
     base: str | None = None,
+    quiz: Callable[..., dict | None] | None = None,
 ) -> dict:
     """Score one adapter (the active one by default) on the validation split in `data` and write
-    its report into `<adapter>/eval/`."""
+    its report into `<adapter>/eval/`. `quiz(model, tokenizer, folder)` asks the clone
+    questions about the person through the serving path (bot.quiz) and gives its result."""
     model, tokenizer, manifest = adapters.load(root, version, persona_id, base)
     folder = root / manifest["version"]
     train, val = load_jsonl(data / "train.jsonl"), load_jsonl(data / "val.jsonl")
@@ -133,6 +186,8 @@ def evaluate(
         "val_replies": sum(m["role"] == "assistant" for s in val for m in s["messages"]),
         "val_tokens": n_tokens,
         "dataset": card.get("fingerprint"),
+        "context_gain": context_gain(model, tokenizer, val[:CONTEXT_SAMPLES]),
+        "knowledge": quiz(model, tokenizer, folder) if quiz else None,
         **sample_replies(model, tokenizer, val, samples, max_new_tokens),
         "model": {
             "base_model": manifest["base_model"]["id"],
@@ -142,6 +197,7 @@ def evaluate(
             "prompted_examples": len(lines),
         },
     }
+    result["verdict"] = verdict(result)
     history_file = folder / "log_history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else None
     result["report"] = str(write_report(result, folder / "eval", history))

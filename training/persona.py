@@ -4,8 +4,9 @@ the one folder that holds everything derived from them.
     persona_data/<persona>/
         persona.toml     name, me, description, blocklist, [serve]; optional `id`
         .env             settings for this persona's bot (private, never committed)
-        exports/         the raw chat exports
-        dataset/         train.jsonl, val.jsonl, card.json (derived)
+        exports/         the raw chat exports (a question/answer CSV among them: facts)
+        knowledge/       notes in the person's words (*.md, *.txt): indexed, recalled
+        dataset/         train.jsonl, val.jsonl, card.json, index/ (derived)
         adapters/        <version>/ folders and the `active` pointer (derived)
         memory.json      the embedded conversation memory, when there is no Redis
 
@@ -60,6 +61,10 @@ class Persona:
     @property
     def exports(self) -> Path | None:
         return self._part("exports")
+
+    @property
+    def knowledge(self) -> Path | None:
+        return self._part("knowledge")
 
     @property
     def dataset(self) -> Path | None:

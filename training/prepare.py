@@ -2,8 +2,9 @@
 
 import (streamed, counted per chat and author) -> who the person is (--me, else persona.toml's
 `me`, else the export's owner) -> build the samples (training.dataset) -> refuse an empty result
--> write the dataset folder atomically. `clone prepare`, `start` and `retrain`, and the
-benchmarks, all come through here.
+-> the persona index (knowledge facts and notes, the person's exchanges), and each sample's
+recalled items from it -> write the dataset folder and its index atomically. `clone prepare`,
+`start` and `retrain`, and the benchmarks, all come through here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training import dataset
+from training import dataset, index, knowledge
 from training.config import PrepareConfig
 from training.message import ImportReport, Message
 from training.persona import Persona
+from training.privacy import Redactor
 
 
 class PrepareError(ValueError):
@@ -74,7 +76,7 @@ def check_me_present(messages: list[Message], me: list[str]) -> None:
 def prepare(
     paths: Sequence[Path], persona: Persona, cfg: PrepareConfig, count_tokens: Callable[[str], int],
     *, fmt: str | None = None, blocklist: Sequence[str] = (), tally: ImportTally | None = None,
-    report: ImportReport | None = None,
+    report: ImportReport | None = None, embedder: index.TextEmbedder | None = None,
 ) -> Outcome:
     """Import `paths`, build the samples and write them to the persona's dataset folder. An
     empty result raises PrepareError and the dataset already there stays as it was."""
@@ -92,8 +94,30 @@ def prepare(
             f"these exports give no training sample of {persona.name} answering someone "
             f"({prepared.card.messages.get('persona', 0)} of their messages kept): "
             f"nothing written, {persona.dataset} is unchanged")
-    dataset.write(prepared, persona.dataset)
+    built = index_persona(prepared, persona, count_tokens, cfg.recall_tokens, embedder)
+    dataset.write(prepared, persona.dataset, built)
     return Outcome(prepared, report, tally, me, guessed, persona.dataset)
+
+
+def index_persona(
+    prepared: dataset.Prepared, persona: Persona, count_tokens: Callable[[str], int], budget: int,
+    embedder: index.TextEmbedder | None = None,
+) -> index.PersonaIndex:
+    """The persona index (the prepared facts and exchanges, the knowledge notes), and every
+    sample's recalled items from it; the card records the index."""
+    if embedder is None:
+        from training.embed import Embedder
+
+        embedder = Embedder()
+    notes = knowledge.notes(persona.knowledge, Redactor(persona.blocklist))
+    built = index.build([*prepared.items, *notes], embedder, progress=True)
+    samples = [*prepared.train, *prepared.val]
+    index.attach_recalled(samples, built, embedder, persona, count_tokens, budget)
+    card = prepared.card
+    card.index = {"embedding_model": built.model, "items": len(built),
+                  "kinds": built.kinds(), "fingerprint": built.fingerprint}
+    card.fingerprint = dataset.fingerprint(prepared.train, prepared.val)
+    return built
 
 
 def prepare_persona(persona: Persona, count_tokens: Callable[[str], int]) -> Outcome:

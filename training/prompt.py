@@ -1,7 +1,10 @@
-"""The prompt contract: one function turns (persona, conversation) into chat-template messages.
+"""The prompt contract: one function turns (persona, recalled items, conversation) into
+chat-template messages.
 
 Training samples and live prompts both go through `to_chat_messages`, so the model is served
-exactly the shape it was trained on. Any change to what this module renders must bump
+exactly the shape it was trained on. Recalled items (facts from the person's knowledge base,
+their own past exchanges, what this user told the clone before) are listed at the end of the
+system prompt, the best match last, nearest the conversation. Any change to what this module renders must bump
 `CONTRACT_VERSION`: adapters record it, and serving refuses one whose version it does not speak.
 """
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 from training.persona import Persona
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: recalled items in the system prompt
 QUOTE_CHARS = 80  # a quoted message is cut to this many characters
 # <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges.
 TURN_OVERHEAD = 6
@@ -23,6 +26,10 @@ CHARS_PER_TOKEN = 8
 # Anything shaped like a chat-template marker ends a generated turn: the model would be starting
 # another one. The one end-of-turn rule, for the bots and for `clone serve-model` alike.
 TURN_END = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?s>|\[/?INST\]", re.IGNORECASE)
+# Tokens of a prompt kept for recalled items, and how many at most; the rest is conversation.
+RECALL_TOKENS = 128
+RECALL_ITEMS = 4
+RECALL_HEADER = "What you know and said before (use it when it answers the message):"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +42,44 @@ class Utterance:
     quote: str | None = None  # the text it replies to, when that is not what came right before
 
 
-def system_prompt(persona: Persona) -> str:
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """Something the clone remembers, as the prompt shows it: an answer it gave (`asked` is the
+    question), a note in the person's words, or what a user said before (`speaker`)."""
+
+    text: str
+    asked: str | None = None
+    speaker: str | None = None
+
+    def line(self) -> str:
+        text = " ".join(self.text.split())
+        if self.asked is not None:
+            return f"- Q: {' '.join(self.asked.split())} A: {text}"
+        if self.speaker is not None:
+            return f"- {self.speaker} told you: {text}"
+        return f"- {text}"
+
+
+def recall_block(recalled: Sequence[Recalled]) -> str:
+    """The recalled items as the system prompt lists them; "" when there are none."""
+    if not recalled:
+        return ""
+    return "\n\n" + RECALL_HEADER + "\n" + "\n".join(r.line() for r in recalled)
+
+
+def fit_recalled(
+    best_first: Sequence[Recalled], count_tokens: Callable[[str], int], budget: int = RECALL_TOKENS,
+    most: int = RECALL_ITEMS,
+) -> list[Recalled]:
+    """The best items whose block fits `budget` tokens, in prompt order (the best last)."""
+    chosen: list[Recalled] = []
+    for item in best_first[:most]:
+        if count_tokens(recall_block([*chosen, item])) <= budget:
+            chosen.append(item)
+    return chosen[::-1]
+
+
+def system_prompt(persona: Persona, recalled: Sequence[Recalled] = ()) -> str:
     about = persona.description.rstrip()
     if about and about[-1] not in ".!?":
         about += "."
@@ -43,7 +87,7 @@ def system_prompt(persona: Persona) -> str:
     return (
         f"You are {persona.name}.{about} Reply in this chat the way {persona.name} texts: "
         f"same length, tone and habits. Each line you write is sent as a separate message."
-    )
+    ) + recall_block(recalled)
 
 
 def render_other(u: Utterance, group: bool) -> str:
@@ -58,10 +102,11 @@ def render_other(u: Utterance, group: bool) -> str:
 
 
 def to_chat_messages(
-    persona: Persona, utterances: Sequence[Utterance], group: bool = False
+    persona: Persona, utterances: Sequence[Utterance], group: bool = False,
+    recalled: Sequence[Recalled] = (),
 ) -> list[dict[str, str]]:
     """System prompt, then user/assistant turns; consecutive utterances of one side merge into a turn."""
-    messages = [{"role": "system", "content": system_prompt(persona)}]
+    messages = [{"role": "system", "content": system_prompt(persona, recalled)}]
     for u in utterances:
         role = "assistant" if u.from_persona else "user"
         content = u.text if u.from_persona else render_other(u, group)

@@ -8,6 +8,7 @@ or inject HTML.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -99,6 +100,65 @@ def _perplexity_section(ppl: dict) -> list[str]:
     return [*lines, ""]
 
 
+def verdict(result: dict) -> str:
+    """One plain sentence on how good the clone is, for a person rather than a statistician."""
+    parts = []
+    known = result.get("knowledge") or {}
+    if known.get("asked"):
+        parts.append(f"answers {known['right']} of {known['asked']} questions about you correctly")
+    ppl = result.get("perplexity") or {}
+    adapter, base = ppl.get("adapter"), ppl.get("base")
+    if _is_number(adapter) and _is_number(base):
+        better = "better" if adapter < base else "no better"
+        parts.append(f"reads as you {better} than the base model on held-out chats "
+                     f"(perplexity {adapter:.1f} against {base:.1f})")
+    context = result.get("context_gain") or {}
+    if _is_number(context.get("adapter")) and _is_number(context.get("base")):
+        more = "more" if context["adapter"] >= context["base"] else "less"
+        parts.append(f"follows the conversation {more} than the base model does "
+                     f"(context gain {context['adapter']:.2f} against {context['base']:.2f})")
+    return ("Your clone " + "; ".join(parts) + ".") if parts else "Not enough held-out data to judge."
+
+
+def _knowledge_section(result: dict) -> list[str]:
+    ppl, context, known = result.get("perplexity") or {}, result.get("context_gain"), result.get("knowledge")
+    lines = ["## Knowledge and context", ""]
+    for name in ("adapter", "base"):
+        bare, recalled = ppl.get(f"{name}_no_recall"), ppl.get(name)
+        if _is_number(bare) and _is_number(recalled) and recalled > 0:
+            lines.append(f"- Retrieval gain, {name}: **{bare / recalled:.3f}** (perplexity without "
+                         f"recalled items {bare:.2f} / with {recalled:.2f}; above 1: recall helps)")
+    if isinstance(context, dict):
+        lines.append(f"- Context gain: adapter **{_fmt(context.get('adapter'))}**, base model "
+                     f"{_fmt(context.get('base'))} (perplexity of the real reply after another "
+                     "conversation / after its own; about 1: the conversation is ignored)")
+    if isinstance(known, dict) and known.get("answers"):
+        lines += ["", f"Questions about you ({md_escape(str(known.get('questions')))}): "
+                  f"**{known['right']} of {known['asked']}** answered with the fact.", "",
+                  "| | Question | Reply |", "|---|---|---|"]
+        lines += [f"| {'✓' if a['right'] else '✗'} | {md_escape(a['question'])} | "
+                  f"{md_escape(a['reply'].replace(chr(10), ' / '))} |" for a in known["answers"]]
+    return [*lines, ""]
+
+
+def _blind_section(examples: list) -> list[str]:
+    """Real and generated replies side by side in an order decided by a hash: can you tell?"""
+    rows = [e for e in examples if isinstance(e, dict) and e.get("real") and e.get("generated")]
+    if not rows:
+        return []
+    lines = ["## Which is the real reply?", "",
+             "For each conversation, one reply is the person's and one the clone's; the answers "
+             "are at the end.", ""]
+    key = []
+    for n, e in enumerate(rows, 1):
+        real_first = hashlib.sha256(e["real"].encode()).digest()[0] % 2 == 0
+        a, b = (e["real"], e["generated"]) if real_first else (e["generated"], e["real"])
+        lines += [f"{n}. A: {md_escape(a.replace(chr(10), ' / '))}",
+                  f"   B: {md_escape(b.replace(chr(10), ' / '))}"]
+        key.append(f"{n}: {'A' if real_first else 'B'}")
+    return [*lines, "", "Real replies: " + ", ".join(key), ""]
+
+
 def _style_section(style: dict) -> list[str]:
     gen, real = style.get("generated") or {}, style.get("real") or {}
     diff = style.get("differences") or {}
@@ -177,9 +237,12 @@ def _markdown(result: dict, images: list[tuple[str, str]]) -> str:
     lines = [
         f"# Evaluation of adapter {md_escape(version)}",
         "",
+        f"**{md_escape(verdict(result))}**",
+        "",
         f"Validation replies: **{_fmt(result.get('val_replies'))}**",
         "",
         *_perplexity_section(result.get("perplexity") or {}),
+        *_knowledge_section(result),
     ]
     if isinstance(result.get("style"), dict):
         lines += _style_section(result["style"])
@@ -189,6 +252,7 @@ def _markdown(result: dict, images: list[tuple[str, str]]) -> str:
             lines += [f"![{title}]({name})", ""]
     if isinstance(result.get("examples"), list):
         lines += _examples_section(result["examples"])
+        lines += _blind_section(result["examples"])
     if isinstance(result.get("model"), dict) and result["model"]:
         lines += _model_section(result["model"])
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -98,13 +98,23 @@ def pick_precision(setting: str) -> str:
 # -- 3. data ---------------------------------------------------------------------------------
 
 
-def load_split(data: Path, name: str, tokenizer, max_length: int) -> list[dict]:
-    rows = []
+def load_split(data: Path, name: str, tokenizer, max_length: int, knowledge_share: float = 0.0) -> list[dict]:
+    rows, knowledge = [], []
     for sample in load_jsonl(data / f"{name}.jsonl"):
         e = encode(sample["messages"], tokenizer, max_length)
         if any(label != IGNORE for label in e.labels[1:]):
-            rows.append({"input_ids": e.input_ids, "labels": e.labels})
-    return rows
+            (knowledge if sample.get("knowledge") else rows).append(
+                {"input_ids": e.input_ids, "labels": e.labels})
+    return rows + knowledge * knowledge_repeats(len(rows), len(knowledge), knowledge_share)
+
+
+def knowledge_repeats(chats: int, knowledge: int, share: float) -> int:
+    """How often each knowledge-base sample is repeated so that about `share` of the samples
+    are knowledge: a few dozen answers among hundreds of chats would be seen once in a short
+    run, too rarely to learn to use what is recalled. At least once each."""
+    if not knowledge or share <= 0 or share >= 1:
+        return 1
+    return max(1, round(share * chats / ((1 - share) * knowledge)))
 
 
 def read_card(data: Path) -> dict:
@@ -415,6 +425,7 @@ def new_manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model": base,
         "prompt_contract": CONTRACT_VERSION,
+        "index": card.get("index"),  # embedding model, item counts, fingerprint (None: no index)
         "dataset": {
             "fingerprint": card["fingerprint"],
             "persona": card.get("persona"),
@@ -448,8 +459,11 @@ def run_metrics(
     }
 
 
-def save_adapter(folder: Path, model, tokenizer, trainer: CloneTrainer, manifest: dict) -> None:
-    """Adapter, tokenizer, log and manifest (last), staged and renamed into place whole."""
+def save_adapter(folder: Path, model, tokenizer, trainer: CloneTrainer, manifest: dict,
+                 index: Path | None = None) -> None:
+    """Adapter, tokenizer, log, the dataset's persona index (it is the adapter's from now on:
+    rollback brings back the index the adapter was trained with) and manifest (last), staged
+    and renamed into place whole."""
     base_id = manifest["base_model"]["id"]
     # peft writes where the base model was loaded from into adapter_config.json and README.md:
     # the base's id instead, as in the manifest.
@@ -462,6 +476,8 @@ def save_adapter(folder: Path, model, tokenizer, trainer: CloneTrainer, manifest
         model.save_pretrained(tmp, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        if index is not None and index.is_dir():
+            shutil.copytree(index, tmp / "index")
         (tmp / adapters.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last
 
 
@@ -493,7 +509,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     card = read_card(cfg.data)
     base: BaseModel = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base)
-    train_rows = load_split(cfg.data, "train", tokenizer, cfg.max_length)
+    train_rows = load_split(cfg.data, "train", tokenizer, cfg.max_length, cfg.knowledge_share)
     val_rows = load_split(cfg.data, "val", tokenizer, cfg.max_length)
     if not train_rows:
         raise ValueError(f"{cfg.data}/train.jsonl has no sample with a reply of the person to learn")
@@ -520,7 +536,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
             {"eval_loss": round(val[0], 4), "step": trainer.state.global_step, "epoch": trainer.state.epoch})
     manifest["metrics"] = run_metrics(trainer, output, runtime, val, checkpoint.name if checkpoint else None)
     folder = cfg.out / version
-    save_adapter(folder, model, tokenizer, trainer, manifest)
+    save_adapter(folder, model, tokenizer, trainer, manifest, cfg.data / "index")
     shutil.rmtree(work, ignore_errors=True)
     if cfg.activate:
         adapters.activate(cfg.out, version)

@@ -16,6 +16,8 @@ from training.limits import MAX_MESSAGE_CHARS, MAX_RECORD_BYTES, TOO_LONG, size_
 from training.message import ExportError, ImportReport, Message
 
 PLATFORM = "csv"
+# Who asks and who answers in a question/answer table (the answers are the person's).
+QA_ASKER, QA_ANSWERER = "asker", "me"
 # Epoch values above this are milliseconds: as seconds they would fall after the year 5000.
 _EPOCH_MS_FROM = 10**11
 
@@ -135,7 +137,7 @@ def parse_table_time(value: str) -> datetime | None:
 def read_qa_csv(path: Path, report: ImportReport) -> Iterator[Message]:
     """A `question,answer[,context]` table: one exchange per row, the answers the owner's."""
     path = Path(path)
-    report.owners["me"] = "me"
+    report.owners[QA_ANSWERER] = QA_ANSWERER
     stem = path.stem
     rows = table_rows(path, ("question", "answer"), ("context",), report, "question/answer table")
     for rowno, cells in rows:
@@ -146,8 +148,8 @@ def read_qa_csv(path: Path, report: ImportReport) -> Iterator[Message]:
         context = cells.get("context", "").strip()
         if context:
             yield _qa_message(stem, rowno, "c", "context", context)
-        yield _qa_message(stem, rowno, "q", "asker", question)
-        yield _qa_message(stem, rowno, "a", "me", answer, reply_to=f"{rowno}q")
+        yield _qa_message(stem, rowno, "q", QA_ASKER, question)
+        yield _qa_message(stem, rowno, "a", QA_ANSWERER, answer, reply_to=f"{rowno}q")
 
 
 def _qa_message(

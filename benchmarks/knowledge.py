@@ -1,0 +1,206 @@
+"""Does the clone know its person, use what it recalls, follow the conversation, and remember
+its users? Issue 12's measures, in one run, with their baselines beside them.
+
+    python benchmarks/knowledge.py                  # a copy of the sample, clone start's 4 minutes
+    python benchmarks/knowledge.py --minutes 8
+    python benchmarks/knowledge.py --persona DIR    # an existing prepared persona with an adapter
+
+1. prepare a copy of the sample persona (index build time and size), train for `--minutes`
+   (the budget `clone start` uses), unless --persona names one already trained;
+2. knowledge accuracy: the persona's eval_questions.csv (paraphrases kept out of its knowledge
+   base), asked through the engine: adapter with recall, adapter without, base model with;
+3. retrieval gain (held-out perplexity without recalled items / with) and context gain
+   (wrong conversation / true), adapter and base model;
+4. long-term recall: 30 users each tell the clone a fact, the window is cleared (/reset, or 100
+   unrelated messages), they ask for it back: answered right, and recalled into the prompt at
+   all; with Redis (when one answers on 127.0.0.1:6379) and with the embedded store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
+from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
+from training.persona import SAMPLE, Persona  # noqa: E402
+
+FACTS = [Fact(tell, ask, tuple(expect.split("|"))) for tell, ask, expect in (
+    ("my dog's name is Rex", "what's my dog's name?", "rex"),
+    ("I work as a plumber", "what do I do for work?", "plumber"),
+    ("my sister lives in Denver", "where does my sister live?", "denver"),
+    ("my favorite color is teal", "what's my favorite color?", "teal"),
+    ("I drive a red Subaru", "what car do I drive?", "subaru"),
+    ("my birthday is on July 9", "when is my birthday?", "july"),
+    ("I'm allergic to peanuts", "what am I allergic to?", "peanut"),
+    ("my cat is called Mochi", "what's my cat called?", "mochi"),
+    ("I play the cello", "which instrument do I play?", "cello"),
+    ("my girlfriend's name is Priya", "what's my girlfriend's name?", "priya"),
+    ("I grew up in Lisbon", "where did I grow up?", "lisbon"),
+    ("my favorite band is Radiohead", "what's my favorite band?", "radiohead"),
+    ("I'm studying chemistry", "what am I studying?", "chemistry"),
+    ("my son is named Theo", "what's my son's name?", "theo"),
+    ("I support Arsenal", "which team do I support?", "arsenal"),
+    ("my favorite food is ramen", "what's my favorite food?", "ramen"),
+    ("I have a turtle named Shelly", "what's my turtle's name?", "shelly"),
+    ("I'm training for the Boston marathon", "which marathon am I training for?", "boston"),
+    ("my mom is a dentist", "what does my mom do?", "dentist"),
+    ("I speak Portuguese", "which language do I speak?", "portuguese"),
+    ("my best friend is called Marco", "who is my best friend?", "marco"),
+    ("I live in Seattle", "where do I live?", "seattle"),
+    ("my favorite movie is Inception", "what's my favorite movie?", "inception"),
+    ("I'm 34 years old", "how old am I?", "34"),
+    ("my favorite drink is matcha", "what's my favorite drink?", "matcha"),
+    ("my brother is a pilot", "what does my brother do?", "pilot"),
+    ("I collect vinyl records", "what do I collect?", "vinyl"),
+    ("my wife's name is Elena", "what's my wife's name?", "elena"),
+    ("I'm going to Iceland in May", "where am I going in May?", "iceland"),
+    ("my favorite sport is badminton", "what's my favorite sport?", "badminton"),
+)]
+
+
+def clone(*args: str) -> None:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True, cwd=REPO)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def trained_copy(minutes: float, work: Path) -> tuple[Persona, dict]:
+    derived = shutil.ignore_patterns("dataset", "adapters", "memory.json*", "longterm.json*")
+    root = shutil.copytree(SAMPLE, work / "sample", ignore=derived)
+    started = time.monotonic()
+    clone("prepare", "--persona", str(root))
+    prepared = time.monotonic() - started
+    clone("train", "--persona", str(root), "--max-minutes", str(minutes))
+    return Persona.load(root), {"prepare_s": round(prepared, 1),
+                                "index_mb": round(folder_mb(root / "dataset" / "index"), 2)}
+
+
+def redis_answers() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Seeing:
+    """The real backend; counts the prompts whose recalled items hold the expected words."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prompts = inner, []
+
+    async def generate(self, messages):
+        self.prompts.append(messages[0]["content"])
+        return await self.inner.generate(messages)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def knowledge(persona: Persona, model, tokenizer, index: Path, embedder) -> dict:
+    """The knowledge quiz three ways: adapter with recall, without, base model with."""
+    import contextlib
+
+    import torch
+
+    questions = read_questions(persona.root / "eval_questions.csv")
+    out = {}
+    for name, adapter, recall in (("adapter, recall", True, True), ("adapter, no recall", True, False),
+                                  ("base model, recall", False, True)):
+        with contextlib.nullcontext() if adapter else model.disable_adapter():
+            engine = quiz_engine(persona, model, tokenizer, index, embedder if recall else None)
+            torch.manual_seed(0)
+            result = asyncio.run(knowledge_quiz(engine, questions))
+        out[name] = {k: result[k] for k in ("asked", "right", "accuracy")}
+    return out
+
+
+def perplexity(persona: Persona, model, tokenizer) -> dict:
+    from training.encode import load_jsonl
+    from training.evaluate import context_gain, example_lines, perplexities
+
+    data = persona.dataset
+    val = load_jsonl(data / "val.jsonl")
+    ppl, _ = perplexities(model, tokenizer, val, example_lines(load_jsonl(data / "train.jsonl")))
+    return {"perplexity": ppl,
+            "retrieval_gain": {k: round(ppl[f"{k}_no_recall"] / ppl[k], 3) for k in ("adapter", "base")},
+            "context_gain": context_gain(model, tokenizer, val)}
+
+
+def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int) -> dict:
+    import dataclasses
+    import uuid
+
+    engine = quiz_engine(persona, model, tokenizer, index, embedder, longterm)
+    engine.persona = dataclasses.replace(persona, id=f"bench-{uuid.uuid4().hex[:8]}")  # keys of its own
+    engine.recaller.persona_id = engine.persona.id
+    engine.backend = seeing = Seeing(engine.backend)
+    result = asyncio.run(recall_quiz(engine, FACTS, fillers))
+    asks = {f.ask: f.tell for f in FACTS}
+    shown = sum(1 for p in seeing.prompts if any(f"told you: {tell}" in p for tell in asks.values()))
+
+    async def clean() -> None:
+        for i in range(len(FACTS)):
+            await engine.forget(f"lt-user{i}")
+        await longterm.close()
+
+    asyncio.run(clean())
+    return {**result, "in_prompt": shown}
+
+
+def longterm(persona: Persona, model, tokenizer, index: Path, embedder) -> dict:
+    stores = {"embedded": lambda: EmbeddedLongTerm(None)}
+    if redis_answers():
+        stores["redis"] = lambda: RedisLongTerm("redis://127.0.0.1:6379/0")
+    clears = (("/reset", 0), ("100 messages", 100))
+    return {f"{store}, after {clear}": recall_once(persona, model, tokenizer, index, embedder, make(), n)
+            for store, make in stores.items() for clear, n in clears}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--persona", type=Path,
+                        help="a prepared, trained persona folder (default: train a copy of the sample)")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training budget (clone start's: 4)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    from bot.runtime import index_folder
+    from training import adapters
+    from training.embed import Embedder
+
+    with tempfile.TemporaryDirectory() as work:
+        if args.persona:
+            persona, build = Persona.load(args.persona), {}
+        else:
+            persona, build = trained_copy(args.minutes, Path(work))
+        model, tokenizer, manifest = adapters.load(persona.adapters)
+        index, embedder = index_folder(persona, None), Embedder()
+        figures = {"adapter": manifest["version"], "steps": manifest["metrics"]["steps"], **build,
+                   "knowledge": knowledge(persona, model, tokenizer, index, embedder),
+                   **perplexity(persona, model, tokenizer),
+                   "longterm": longterm(persona, model, tokenizer, index, embedder)}
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

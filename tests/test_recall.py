@@ -1,0 +1,244 @@
+"""The clone recalls: the persona index built by prepare, facts and notes in the served prompt,
+long-term memory of each user across /reset (Redis and the embedded store), /forget, outages,
+knowledge edits without retraining, and the adapter carrying its index. Real parts throughout:
+the packaged embedding model, a tiny real llama, a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bot.engine import Engine, Incoming
+from bot.longterm import EmbeddedLongTerm, RedisLongTerm
+from bot.quiz import Question, knowledge_quiz, quiz_engine
+from training.config import PrepareConfig
+from training.persona import Persona
+from training.prepare import prepare
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS = "redis://127.0.0.1:6379/0"
+FAQ = ("question,answer\nWhat's your dog's name?,Biscuit. He's a corgi\n"
+       "Where did you grow up?,Tucson Arizona\n")
+NOTE = "# Me\n\nI work night shifts as a nurse at St. Mary's hospital. Write to me at sam.r@example.com\n"
+
+
+def chat_csv(rows: int = 24) -> str:
+    topics = ["pizza", "the beach", "homework", "football", "music", "coffee"]
+    lines = ["author,text,timestamp"]
+    for i in range(rows):
+        t = 1_700_000_000 + i * 60 + (i // 4) * 86_400  # a new conversation every 4 exchanges
+        topic = topics[i % len(topics)]
+        lines += [f"Kim,what do you think about {topic} {i}?,{t}", f"Sam,haha {topic} {i} is great,{t + 30}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from training.embed import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory, count_tokens, embedder) -> Persona:
+    """A prepared persona with a chat, a question/answer table and a note."""
+    root = tmp_path_factory.mktemp("known") / "sam"
+    (root / "exports").mkdir(parents=True)
+    (root / "knowledge").mkdir()
+    (root / "persona.toml").write_text('name = "Sam"\nme = ["Sam"]\n')
+    (root / "exports" / "chat.csv").write_text(chat_csv())
+    (root / "exports" / "faq.csv").write_text(FAQ)
+    (root / "knowledge" / "bio.md").write_text(NOTE)
+    persona = Persona.load(root)
+    prepare([root / "exports"], persona, PrepareConfig(me=["Sam"], val_fraction=0.2), count_tokens,
+            embedder=embedder)
+    return persona
+
+
+class Recording:
+    """The real backend, with every prompt it was given kept for the test to read."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prompts = inner, []
+
+    async def generate(self, messages):
+        self.prompts.append(messages)
+        return await self.inner.generate(messages)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.fixture
+def model(tiny_base):
+    from training.base_model import load_model, load_tokenizer, resolve_base
+
+    base = resolve_base(str(tiny_base))
+    return load_model(base), load_tokenizer(base)
+
+
+def engine_for(persona: Persona, model, embedder, longterm=None) -> tuple[Engine, Recording]:
+    engine = quiz_engine(persona, *model, persona.dataset / "index", embedder, longterm)
+    engine.backend = recording = Recording(engine.backend)
+    return engine, recording
+
+
+def said(text: str, channel: str = "c1", user: str = "u1") -> Incoming:
+    return Incoming("test", channel, user, "Alex", text)
+
+
+def system_of(recording: Recording) -> str:
+    return recording.prompts[-1][0]["content"]
+
+
+def test_prepare_indexes_facts_notes_and_exchanges_redacted(known):
+    card = json.loads((known.dataset / "card.json").read_text())
+    kinds = card["index"]["kinds"]
+    assert kinds["fact"] == 2 and kinds["note"] == 1 and kinds["exchange"] >= 4
+    items = (known.dataset / "index" / "items.jsonl").read_text()
+    assert "St. Mary" in items
+    for path in known.dataset.rglob("*"):  # the note's email was scrubbed before anything kept it
+        if path.is_file():
+            assert b"sam.r@example.com" not in path.read_bytes(), path
+    dog = [json.loads(line) for line in (known.dataset / "train.jsonl").open()
+           if "What's your dog's name?" in line and '"knowledge": true' in line]
+    assert dog and "Biscuit" in dog[0]["messages"][0]["content"]  # the fact is recalled for itself
+
+
+def test_no_training_sample_recalls_its_own_conversation(known):
+    for line in (known.dataset / "train.jsonl").open():
+        sample = json.loads(line)
+        if sample.get("knowledge"):
+            continue
+        system, *turns = sample["messages"]
+        recalled = system["content"].split("use it when it answers the message):")[-1]
+        for turn in turns:
+            for text in turn["content"].split("\n"):
+                assert f"A: {text}" not in recalled and f"Q: {text} " not in recalled
+
+
+def test_the_served_prompt_carries_the_recalled_fact(known, model, embedder):
+    engine, recording = engine_for(known, model, embedder)
+    replies = asyncio.run(engine.handle(said("how is your dog called?")))
+    assert isinstance(replies, list)
+    assert "Biscuit" in system_of(recording)
+
+
+@pytest.mark.parametrize("store", ["redis", "embedded"])
+def test_a_user_is_remembered_after_reset_and_forgotten_on_forget(known, model, embedder, store, tmp_path):
+    persona_id = f"t{uuid.uuid4().hex[:8]}"
+    longterm = RedisLongTerm(REDIS) if store == "redis" else EmbeddedLongTerm(tmp_path / "lt.json")
+    engine, recording = engine_for(known, model, embedder, longterm)
+    engine.persona = Persona(name="Sam", id=persona_id)  # keys of this test's own
+
+    async def go() -> None:
+        await engine.handle(said("my cat is named Pickles"))
+        await engine.handle(said("what's my cat called?"))
+        assert "Pickles" not in system_of(recording)  # still in the window: not recalled twice
+        await engine.reset("test", "c1")
+        await engine.handle(said("what's my cat called?"))
+        assert "Alex told you: my cat is named Pickles" in system_of(recording)
+        await engine.handle(said("what's my cat called?", user="someone-else", channel="c2"))
+        assert "Pickles" not in system_of(recording)  # another user's memory is not theirs
+        assert await engine.forget("u1") >= 2
+        await engine.reset("test", "c1")
+        await engine.handle(said("what's my cat called?"))
+        assert "Pickles" not in system_of(recording)
+        await engine.forget("u1")
+        await engine.forget("someone-else")
+        await longterm.close()
+
+    asyncio.run(go())
+
+
+def test_long_term_memory_keeps_only_redacted_text(known, model, embedder, tmp_path):
+    path = tmp_path / "lt.json"
+    engine, _ = engine_for(known, model, embedder, EmbeddedLongTerm(path))
+    asyncio.run(engine.handle(said("my email is alex.q@example.org, write me")))
+    stored = path.read_text()
+    assert "write me" in stored and "alex.q@example.org" not in stored
+
+
+def test_with_redis_down_the_clone_still_answers_from_its_index(known, model, embedder):
+    engine, recording = engine_for(known, model, embedder, RedisLongTerm("redis://127.0.0.1:1/0"))
+    replies = asyncio.run(engine.handle(said("where did you grow up?")))
+    assert isinstance(replies, list) and "Tucson" in system_of(recording)
+
+
+def test_a_knowledge_edit_reaches_a_running_engine_without_retraining(
+    known, model, embedder, monkeypatch, tmp_path,
+):
+    import shutil
+
+    import bot.recall
+    from training import index, knowledge
+    from training.privacy import Redactor
+
+    copy = Persona.load(shutil.copytree(known.root, tmp_path / "sam"))
+    monkeypatch.setattr(bot.recall, "INDEX_CHECK_S", 0.0)
+    engine, recording = engine_for(copy, model, embedder)
+    (copy.knowledge / "hobby.md").write_text("My favourite board game is Carcassonne, I play it weekly.\n")
+    notes = knowledge.notes(copy.knowledge, Redactor())
+    index.reindex(copy.dataset / "index", notes, embedder)
+    asyncio.run(engine.handle(said("which board game do you like?")))
+    assert "Carcassonne" in system_of(recording)
+
+
+def test_the_knowledge_quiz_asks_through_the_engine(known, model, embedder):
+    engine, recording = engine_for(known, model, embedder)
+    questions = [Question("how is your dog called?", ("biscuit",)),
+                 Question("where are you from?", ("tucson",))]
+    result = asyncio.run(knowledge_quiz(engine, questions))
+    assert result["asked"] == 2 and len(recording.prompts) == 2
+    for answer, question in zip(result["answers"], questions, strict=True):
+        assert answer["right"] == question.answered_by(answer["reply"])
+    assert result["right"] == sum(a["right"] for a in result["answers"])
+
+
+def test_an_adapter_carries_its_index_and_eval_reports_recall(known, tiny_base, tmp_path):
+    import shutil
+
+    from training.config import TrainConfig
+    from training.evaluate import evaluate
+    from training.train import train
+
+    persona = Persona.load(shutil.copytree(known.root, tmp_path / "sam"))
+    result = train(TrainConfig(data=persona.dataset, out=persona.adapters, base=str(tiny_base), max_steps=2,
+                               batch_size=2, eval_steps=100, save_steps=100))
+    card = json.loads((persona.dataset / "card.json").read_text())
+    assert result.manifest["index"]["fingerprint"] == card["index"]["fingerprint"]
+    assert (result.path / "index" / "index.json").is_file()
+    report = evaluate(persona.adapters, persona.dataset, samples=2, max_new_tokens=4, base=str(tiny_base))
+    assert {"adapter_no_recall", "base_no_recall"} <= set(report["perplexity"])
+    assert set(report["context_gain"]) == {"adapter", "base"}
+    assert report["verdict"].startswith("Your clone")
+    text = Path(report["report"]).read_text()
+    assert "Retrieval gain, adapter" in text and "Which is the real reply?" in text
+
+
+def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):
+    import shutil
+
+    root = shutil.copytree(known.root, tmp_path / "sam")
+
+    def clone(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli", "knowledge", *args, "--persona", str(root)],
+                              capture_output=True, text=True, cwd=REPO, timeout=180)
+
+    added = clone("add", "--text", "I collect vintage typewriters, seven of them so far.")
+    assert added.returncode == 0, added.stderr
+    assert "Re-indexed" in added.stdout
+    found = clone("search", "do you collect anything?")
+    assert found.returncode == 0, found.stderr
+    assert "typewriters" in found.stdout.splitlines()[0]
+    (root / "dataset" / "index" / "vectors.npy").write_bytes(b"not a numpy file")
+    broken = clone("reindex")
+    assert broken.returncode == 2
+    [line] = broken.stderr.strip().splitlines()
+    assert "dataset/index" in line and "clone prepare" in line
