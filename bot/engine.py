@@ -104,6 +104,9 @@ class Engine:
         self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
         self.recaller, self.recall_tokens = recaller, recall_tokens
         self._order = KeyedLocks()
+        # Called with each prompt before it is generated from: the owner's console shows what a reply
+        # drew on and stores it with a correction. None (the bots): nothing is kept.
+        self.on_prompt: Callable[[ChannelKey, list[dict[str, str]], list[Recalled]], None] | None = None
 
     def key(self, platform: str, channel: str) -> ChannelKey:
         return ChannelKey(self.persona.id, platform, channel)
@@ -147,7 +150,10 @@ class Engine:
         asked = Asked(incoming.platform, incoming.author_id, incoming.author, incoming.text)
         vector = await self.recaller.embed(incoming.text) if self.recaller else None
         recalled = await self._recall(asked, vector, history)
-        raw = await self._generate(self.prompt(history, incoming, recalled), incoming)
+        prompt = self.prompt(history, incoming, recalled)
+        if self.on_prompt is not None:
+            self.on_prompt(key, prompt, recalled)
+        raw = await self._generate(prompt, incoming)
         if isinstance(raw, str):  # the backend could not answer: say so, remember nothing
             return [raw]
         speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
