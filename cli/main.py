@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from bot.serve import SettingsError
-from cli import data, knowledge, model, start, talk
+from cli import console, data, knowledge, model, start, talk
 from cli.common import CliError
 from cli.options import HelpFormatter
 from training.message import ExportError
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clone {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, knowledge, model, talk, start):
+    for group in (data, knowledge, model, talk, console, start):
         group.register(sub)
     return parser
 

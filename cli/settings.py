@@ -37,6 +37,11 @@ _SHAPES = {
     "discord_token": (
         r"[A-Za-z0-9_.-]+", "DISCORD_TOKEN must be the bot's token alone (letters, digits, '.', '_' "
         "and '-'), without a 'Bot ' prefix, quotes or spaces"),
+    # It travels in an Authorization header and is typed into a login form: no spaces, and long
+    # enough that guessing it (a second per wrong try) is hopeless.
+    "clone_console_token": (
+        r"[\x21-\x7e]{16,512}", "CLONE_CONSOLE_TOKEN must be 16 or more printable ASCII characters without "
+        "spaces (unset, `clone console` makes one and prints it once)"),
 }
 
 
@@ -71,6 +76,7 @@ class Settings(BaseSettings):
     llm_model: str = "clone"
     llm_api_key: SecretStr | None = None
     clone_api_key: SecretStr | None = None  # the key `clone serve-model` requires of its callers
+    clone_console_token: SecretStr | None = None  # what `clone console` requires (else it makes one)
     # Platforms.
     telegram_token: SecretStr | None = None
     telegram_base_url: str | None = None
