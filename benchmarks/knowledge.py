@@ -181,6 +181,7 @@ def main() -> None:
                         help="a prepared, trained persona folder (default: train a copy of the sample)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (clone start's: 4)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--keep", type=Path, help="train the copy in this existing folder and keep it")
     args = parser.parse_args()
     from bot.runtime import index_folder
     from training import adapters
@@ -190,7 +191,7 @@ def main() -> None:
         if args.persona:
             persona, build = Persona.load(args.persona), {}
         else:
-            persona, build = trained_copy(args.minutes, Path(work))
+            persona, build = trained_copy(args.minutes, args.keep or Path(work))
         model, tokenizer, manifest = adapters.load(persona.adapters)
         index, embedder = index_folder(persona, None), Embedder()
         figures = {"adapter": manifest["version"], "steps": manifest["metrics"]["steps"], **build,

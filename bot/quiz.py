@@ -26,6 +26,7 @@ from bot.recall import Asked, IndexFollower, Recaller
 from training.index import TextEmbedder
 from training.persona import Persona
 
+AT_ONCE = 8  # channels asked at the same time: a local backend's batch
 QUESTIONS_FILE = "eval_questions.csv"  # in the persona folder; never indexed, never trained on
 FILLER = ("ok", "haha", "what are you up to today", "cool", "nice weather lately", "lol",
           "did you see the game", "i'm so tired", "what's for dinner", "brb")
@@ -63,10 +64,21 @@ def _incoming(channel: str, text: str, user: str = "quiz-user") -> Incoming:
     return Incoming("quiz", channel, user, "Alex", text)
 
 
+async def _at_most(n: int, jobs: Sequence) -> list:
+    """Run the coroutines `n` at a time: as many users as a backend batches, none refused busy."""
+    gate = asyncio.Semaphore(n)
+
+    async def one(job):
+        async with gate:
+            return await job
+
+    return await asyncio.gather(*(one(j) for j in jobs))
+
+
 async def knowledge_quiz(engine: Engine, questions: Sequence[Question]) -> dict:
     """Each question in its own channel; the share the clone answers with the fact."""
-    replies = await asyncio.gather(*(
-        engine.handle(_incoming(f"k{i}", q.text, f"k{i}")) for i, q in enumerate(questions)))
+    replies = await _at_most(AT_ONCE, [
+        engine.handle(_incoming(f"k{i}", q.text, f"k{i}")) for i, q in enumerate(questions)])
     answers = [{"question": q.text, "reply": "\n".join(r), "right": q.answered_by("\n".join(r))}
                for q, r in zip(questions, replies, strict=True)]
     right = sum(a["right"] for a in answers)
@@ -79,13 +91,16 @@ async def _chat_on(engine: Engine, incoming: Incoming, count: int) -> None:
     generating the clone's side (its words do not matter here; a hundred replies would take
     minutes on a CPU)."""
     key = engine.key(incoming.platform, incoming.channel)
+    vectors: dict[str, object] = {}  # the same few fillers: each embedded once
     for n in range(count):
         text, now = FILLER[n % len(FILLER)], time.time()
         await engine.memory.append(key, [Turn(incoming.author_id, incoming.author, text, False, now),
                                          Turn("persona", engine.persona.name, "haha yeah", True, now)])
         if engine.recaller is not None:
+            if text not in vectors:
+                vectors[text] = await engine.recaller.embed(text)
             asked = Asked(incoming.platform, incoming.author_id, incoming.author, text)
-            await engine.recaller.remember(asked, await engine.recaller.embed(text), now)
+            await engine.recaller.remember(asked, vectors[text], now)
 
 
 async def _tell_clear_ask(engine: Engine, i: int, fact: Fact, fillers: int) -> bool:
@@ -101,7 +116,7 @@ async def _tell_clear_ask(engine: Engine, i: int, fact: Fact, fillers: int) -> b
 
 async def recall_quiz(engine: Engine, facts: Sequence[Fact], fillers: int = 0) -> dict:
     """Tell, clear the window (/reset, or `fillers` unrelated messages), ask: the share recalled."""
-    right = await asyncio.gather(*(_tell_clear_ask(engine, i, f, fillers) for i, f in enumerate(facts)))
+    right = await _at_most(AT_ONCE, [_tell_clear_ask(engine, i, f, fillers) for i, f in enumerate(facts)])
     return {"asked": len(facts), "right": sum(right),
             "accuracy": round(sum(right) / len(facts), 3) if facts else None}
 

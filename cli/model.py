@@ -212,7 +212,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("version", nargs="?", help="adapter version (default: the active one)")
     add_persona_option(p)
     p.add_argument("--base", help="base model folder, when the adapter was trained on a local folder")
-    p.add_argument("--samples", type=int, default=16, help="replies to generate for the style check")
+    p.add_argument("--samples", type=int, default=48,
+                   help="replies to generate for the style check (fewer: faster, noisier)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

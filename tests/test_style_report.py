@@ -48,6 +48,7 @@ def test_style_stats_on_hand_written_replies():
         "burst_counts": {"1": 2, "2": 1, "3": 0, "4": 0, "5+": 1},
         # lengths 8 12 3 14 8 4 4 6 4: "ok 👍🏽 :)" is 8 code points, two flags 4
         "length_mean": 7.0,
+        "length_sem": 1.291,             # sample standard deviation sqrt(120 / 8) over sqrt(9)
         "length_median": 6.0,
         "length_p90": 12.4,
         "length_histogram": {"0-10": 7, "10-20": 2, "20-40": 0, "40-80": 0, "80-160": 0, "160+": 0},

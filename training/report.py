@@ -180,6 +180,12 @@ def _style_section(style: dict) -> list[str]:
         f"| {_LABELS['vocabulary_size']} | {_fmt(real.get('vocabulary_size'))} | "
         f"{_fmt(gen.get('vocabulary_size'))} | — |"
     )
+    if _is_number(real.get("length_sem")) and _is_number(gen.get("length_sem")):
+        lines += ["", f"Uncertainty: the mean message length is {real['length_mean']:.1f} ± "
+                  f"{real['length_sem']:.1f} characters (real) and {gen['length_mean']:.1f} ± "
+                  f"{gen['length_sem']:.1f} (generated), ± one standard error; a gap under about "
+                  "twice these is noise. Rates over a few dozen replies move by several points "
+                  "from one sample to the next."]
     overlap = style.get("vocabulary_overlap") or {}
     lines += [
         "",

@@ -240,6 +240,8 @@ def _length_stats(lengths: list[int]) -> dict:
     histogram = Counter(_length_bin(n) for n in lengths)
     return {
         "length_mean": round(statistics.fmean(lengths), 4) if lengths else None,
+        # Its standard error: how far the mean of this many messages may be from the person's.
+        "length_sem": round(statistics.stdev(lengths) / len(lengths) ** 0.5, 4) if len(lengths) > 1 else None,
         "length_median": round(float(statistics.median(ordered)), 4) if lengths else None,
         "length_p90": round(_percentile(ordered, 0.9), 4) if lengths else None,
         "length_histogram": {label: histogram[label] for label, _, _ in LENGTH_BINS},
