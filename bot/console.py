@@ -27,7 +27,7 @@ from aiohttp import web
 
 from bot.console_auth import COOKIE, Auth, security_headers
 from bot.console_retrain import RetrainRun
-from bot.engine import Incoming
+from bot.engine import BUSY_REPLY, UNAVAILABLE_REPLY, Incoming
 from bot.memory import ChannelKey, MemoryUnavailable
 from bot.runtime import Runtime, index_folder
 from training import adapters, corrections, knowledge
@@ -122,6 +122,8 @@ class Console:
         reply = self.replies.get(reply_id)
         if reply is None:
             raise ConsoleError(404, "no such reply (replies can be corrected while the console runs)")
+        if reply.messages in ([BUSY_REPLY], [UNAVAILABLE_REPLY]):  # not the clone's words: nothing to learn
+            raise ConsoleError(409, "that was an apology (the model could not answer), not a reply")
         try:
             return await asyncio.to_thread(
                 corrections.add, self.corrections_path, reply_id=reply.id, context=reply.context,

@@ -320,6 +320,37 @@ def test_a_rating_must_be_good_or_bad(api):
     assert api.post("/api/chat", json={"text": "   "}).status_code == 400
 
 
+def test_an_apology_instead_of_a_reply_cannot_be_corrected(tmp_path, count_tokens):
+    from bot.console import Console, ConsoleError, ConsoleOptions
+    from bot.engine import UNAVAILABLE_REPLY, Engine, Unavailable
+    from bot.gate import Gate, Rules
+    from bot.memory import EmbeddedMemory
+    from bot.runtime import Runtime
+
+    class Down:
+        async def generate(self, messages):
+            raise Unavailable("the generation server is unreachable")
+
+        async def close(self) -> None:
+            pass
+
+    (tmp_path / "persona.toml").write_text('name = "Sam"\n')
+    persona = Persona.load(tmp_path)
+    engine = Engine(persona, Down(), EmbeddedMemory(tmp_path / "memory.json"), count_tokens)
+    console = Console(Runtime(engine, Down(), engine.memory, Gate(Rules(), persona.id), None, "down"),
+                      ConsoleOptions(TOKEN, []))
+
+    async def scenario():
+        reply = await console.chat("hello?")
+        assert reply.messages == [UNAVAILABLE_REPLY]
+        with pytest.raises(ConsoleError) as refused:
+            await console.correct(reply.id, text="hey!")
+        return refused.value.status
+
+    assert asyncio.run(scenario()) == 409
+    assert not corrections.corrections_file(tmp_path).exists()
+
+
 def login(client: httpx.Client) -> str:
     """Log in through the form; the page's CSRF token."""
     r = client.post("/login", data={"token": TOKEN})
