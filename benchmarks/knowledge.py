@@ -194,11 +194,12 @@ def main() -> None:
             persona, build = trained_copy(args.minutes, args.keep or Path(work))
         model, tokenizer, manifest = adapters.load(persona.adapters)
         index, embedder = index_folder(persona, None), Embedder()
-        figures = {"adapter": manifest["version"], "steps": manifest["metrics"]["steps"], **build,
-                   "knowledge": knowledge(persona, model, tokenizer, index, embedder),
-                   **perplexity(persona, model, tokenizer),
-                   "longterm": longterm(persona, model, tokenizer, index, embedder)}
-    print(json.dumps(figures, indent=2))
+        figures = {"adapter": manifest["version"], "steps": manifest["metrics"]["steps"], **build}
+        for name, measure in (("knowledge", lambda: knowledge(persona, model, tokenizer, index, embedder)),
+                              ("perplexity", lambda: perplexity(persona, model, tokenizer)),
+                              ("longterm", lambda: longterm(persona, model, tokenizer, index, embedder))):
+            figures[name] = measure()
+            print(json.dumps({name: figures[name]}, indent=2), flush=True)  # each as soon as it is known
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,13 @@ class Asked:
 
 
 class IndexFollower:
-    """The persona index of a folder, reloaded when its index.json changes (a knowledge edit)."""
+    """The persona index of a folder, reloaded when its index.json changes (a knowledge edit).
+    With `locate`, the folder itself is looked up again at each check: when `clone serve`'s
+    watcher swaps in another adapter, that adapter's index follows it."""
 
-    def __init__(self, folder: Path | None, model: str) -> None:
-        self.folder, self.model = folder, model
+    def __init__(self, folder: Path | None, model: str,
+                 locate: Callable[[], Path | None] | None = None) -> None:
+        self.folder, self.model, self.locate = folder, model, locate
         self.index: PersonaIndex | None = None
         self._stamp: float | None = None
         self._checked = 0.0
@@ -52,9 +56,13 @@ class IndexFollower:
 
     def refresh(self, force: bool = False) -> PersonaIndex | None:
         now = time.monotonic()
-        if self.folder is None or (not force and now - self._checked < INDEX_CHECK_S):
+        if not force and now - self._checked < INDEX_CHECK_S:
             return self.index
         self._checked = now
+        if self.locate is not None and (folder := self.locate()) != self.folder:
+            self.folder, self._stamp = folder, None
+        if self.folder is None:
+            return self.index
         try:
             stamp = (self.folder / "index.json").stat().st_mtime
         except OSError:

@@ -127,8 +127,9 @@ def build_recaller(
     from training.embed import Embedder
 
     embedder = Embedder()
-    folder = index_folder(persona, version)
-    index = IndexFollower(folder, embedder.name) if folder else None
+    # A pinned version keeps its index; otherwise the active adapter's, whichever it becomes.
+    locate = None if version else (lambda: index_folder(persona, None))
+    index = IndexFollower(index_folder(persona, version), embedder.name, locate)
     assert persona.root is not None
     path = choice.longterm_file or persona.root / "longterm.json"
     longterm = open_longterm(redis, path, max_items=choice.longterm_items, ttl_days=choice.longterm_days)
