@@ -152,16 +152,18 @@ def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longt
     engine.persona = dataclasses.replace(persona, id=f"bench-{uuid.uuid4().hex[:8]}")  # keys of its own
     engine.recaller.persona_id = engine.persona.id
     engine.backend = seeing = Seeing(engine.backend)
-    result = asyncio.run(recall_quiz(engine, FACTS, fillers))
-    asks = {f.ask: f.tell for f in FACTS}
-    shown = sum(1 for p in seeing.prompts if any(f"told you: {tell}" in p for tell in asks.values()))
 
-    async def clean() -> None:
-        for i in range(len(FACTS)):
-            await engine.forget(f"lt-user{i}")
-        await longterm.close()
+    async def run() -> dict:  # one event loop: a Redis client belongs to the loop it was made in
+        try:
+            return await recall_quiz(engine, FACTS, fillers)
+        finally:
+            for i in range(len(FACTS)):
+                await engine.forget(f"lt-user{i}")
+            await longterm.close()
 
-    asyncio.run(clean())
+    result = asyncio.run(run())
+    tells = [f.tell for f in FACTS]
+    shown = sum(1 for p in seeing.prompts if any(f"told you: {tell}" in p for tell in tells))
     return {**result, "in_prompt": shown}
 
 
