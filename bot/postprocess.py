@@ -33,6 +33,9 @@ def drop_unfinished(text: str) -> str:
     return " ".join(words[:-1]).rstrip(",;:-") + "…" if len(words) > 1 else ""
 
 
+RECALL_ANSWER = re.compile(r"^A:\s*")
+
+
 def to_messages(
     text: str,
     other_speakers: Iterable[str] = (),
@@ -56,6 +59,8 @@ def to_messages(
         line = line.strip()
         if line.startswith("> "):  # a quote is context the contract shows, never something to send
             continue
+        if not messages:  # "A: " copied from the recalled "Q: … A: …" lines is not the reply
+            line = RECALL_ANSWER.sub("", line, count=1)
         if line:
             messages.append(line if len(line) <= max_chars else line[: max_chars - 1].rstrip() + "…")
         if len(messages) == max_messages:

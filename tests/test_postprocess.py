@@ -56,3 +56,10 @@ def test_one_end_of_turn_rule_for_the_bots_and_the_model_server():
                           ("a | b < c", "a | b < c"), ("yes</s>no", "yes"), ("fine [INST] more", "fine ")]:
         assert turn_text(raw) == expected
         assert to_messages(raw) == [m for m in [expected.strip()] if m]
+
+
+def test_a_recalled_answer_marker_is_not_sent():
+    from bot.postprocess import to_messages
+
+    assert to_messages("A: I'm studying industrial design\nA: B and C") == [
+        "I'm studying industrial design", "A: B and C"]
