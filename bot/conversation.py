@@ -1,26 +1,34 @@
 """One conversation flow for every platform: what happens to a message addressed to the clone.
 
     per-chat order -> the gate (access lists, one reply per message, rate limit: told once)
-    -> a command (/reset /forget /help /about) or: introduction on first contact + the engine's
-    replies, sent with "typing" shown meanwhile, the first quoting the message in a group
+    -> a command (/reset /forget /help /about; the owner's /correct) or: introduction on first
+    contact + the engine's replies, sent with "typing" shown meanwhile, the first quoting the
+    message in a group
 
 It knows no platform API: an adapter decides whether a message is addressed to the clone, turns
 it into an `Inbound`, and hands it over with a `Chat` that sends to where it came from. Logs carry
-ids, lengths and timings only, never message text.
+ids, lengths and timings only, never message text (nor corrections).
+
+`/correct <what I would have said>`, as a reply to one of the clone's messages, exists for the
+owner alone (`[serve] owner`): it stores a correction (training/corrections.py) in the persona's
+folder, with the turns that prompted that reply, for `clone retrain`. For anyone else it is no
+command at all: the adapter treats it as it treats any unknown command.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from bot.engine import Engine, Incoming
+from bot.engine import BUSY_REPLY, UNAVAILABLE_REPLY, Engine, Incoming
 from bot.gate import RATE_LIMIT_REPLY, Gate, Rules, Sender, Verdict
 from bot.memory import MemoryUnavailable
+from training import corrections
 
 log = logging.getLogger(__name__)
 DEFAULT_ABOUT = (
@@ -34,6 +42,16 @@ HELP = (
     "/about - what this bot is"
 )
 COMMANDS = ("/reset", "/forget", "/help", "/start", "/about")  # /start: Telegram's first contact
+OWNER_COMMANDS = ("/correct",)  # the owner's alone: for anyone else they do not exist
+OWNER_HELP = ("\n/correct <what you would have said> - as a reply to one of my messages: store a "
+              "correction for the next retrain")
+CORRECT_USAGE = "Usage: reply to one of my messages with /correct <what you would have said instead>"
+NOTED = "Noted: your correction is stored for the next retrain."
+NOTED_WITHOUT_CONTEXT = ("Noted, but without its context: that reply is no longer in my memory of "
+                         "this {chat}.")
+NOTHING_TO_CORRECT = "That message is not one of the clone's replies: nothing to correct."
+NO_FOLDER = "I can't store corrections: this persona was not loaded from a folder."
+CORRECT_FAILED = "I couldn't store that correction (the persona folder could not be written)."
 NOT_HERE = "Sorry, I can't talk here."  # a command the platform insists be answered, refused
 # A reset or deletion that could not be carried out is said to have failed: never "done".
 RESET_FAILED = "I couldn't forget this {chat} right now (memory unavailable); try again in a minute."
@@ -55,17 +73,28 @@ class Platform:
     # Model output made harmless to send there (Telegram pings whoever "@name" names in plain text).
     defuse: Callable[[str], str] = _as_is
 
-    def help(self) -> str:
-        return HELP.format(reach=self.reach, chat=self.chat)
+    def help(self, owner: bool = False) -> str:
+        return HELP.format(reach=self.reach, chat=self.chat) + (OWNER_HELP if owner else "")
 
-    def menu(self) -> dict[str, str]:
+    def menu(self, owner: bool = False) -> dict[str, str]:
         """The command menu (name -> description) the platform shows under "/"."""
-        return {
+        menu = {
             "reset": f"Forget this {self.chat}'s conversation",
             "forget": f"Delete everything you said to me, in every {self.chat}",
             "help": "How to talk to me",
             "about": "What this bot is",
         }
+        if owner:
+            menu["correct"] = "Reply to one of my messages: what you would have said"
+        return menu
+
+
+@dataclass(frozen=True)
+class RepliedTo:
+    """One of the clone's own messages that a message replies to, as the platform shows it."""
+
+    message_id: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -76,7 +105,8 @@ class Inbound:
     author: str             # display name; may be empty
     text: str
     is_dm: bool
-    command: str | None = None  # one of COMMANDS, else a message for the model
+    command: str | None = None  # one of COMMANDS (or, from the owner, OWNER_COMMANDS), else a message
+    replied_to: RepliedTo | None = None  # the clone's message this one replies to, if any
 
 
 class Chat(Protocol):
@@ -98,11 +128,12 @@ class CommandReply:
     private: bool  # only the caller should see it: a refusal, or what /forget removed
 
 
-def command_in(text: str) -> str | None:
-    """The command a message's text starts with, for platforms that deliver commands as text."""
+def command_in(text: str, owner: bool = False) -> str | None:
+    """The command a message's text starts with, for platforms that deliver commands as text; the
+    owner's commands only for the owner."""
     words = text.split(maxsplit=1)
     command = words[0].lower() if words else None
-    return command if command in COMMANDS else None
+    return command if command in COMMANDS or (owner and command in OWNER_COMMANDS) else None
 
 
 class Conversation:
@@ -113,6 +144,12 @@ class Conversation:
         # Without a gate: everyone is answered, at the default rate limit, this process alone.
         self.gate = gate or Gate(Rules(), engine.persona.id)
         self.about = self.gate.rules.about or DEFAULT_ABOUT.format(name=engine.persona.name)
+        # The persona folder `clone serve` loaded (as the console does); none for a bare Persona.
+        root = engine.persona.root
+        self.corrections = corrections.corrections_file(root) if root is not None else None
+
+    def is_owner(self, sender: Sender) -> bool:
+        return self.gate.rules.is_owner(sender)
 
     def listens_in(self, chat_id: str) -> bool:
         """Whether every message in this group is for the clone, mention or not."""
@@ -122,13 +159,17 @@ class Conversation:
         """Answer one addressed message. Call it before any await of the adapter's own, so that a
         chat's messages take their turns in arrival order."""
         sender = message.sender
+        if message.command in OWNER_COMMANDS and not self.is_owner(sender):
+            message = replace(message, command=None)  # an adapter's slip: still no command for them
         async with self.engine.in_order(sender.platform, sender.chat_id):
             verdict = await self.gate.admit(sender, deletion_request=message.command == "/forget")
             if verdict is Verdict.LIMITED:
                 await chat.send([RATE_LIMIT_REPLY])
             if verdict is not Verdict.ANSWER:
                 return
-            if message.command:
+            if message.command == "/correct":
+                await chat.send([await self.correct(message)])
+            elif message.command:
                 await chat.send([await self.command_reply(message.command, sender)])
             else:
                 await self._answer(message, chat)
@@ -163,7 +204,47 @@ class Conversation:
             log.warning("%s command=%s %s=%s failed: memory unavailable", sender.platform, command,
                         self.platform.chat, sender.chat_id)
             return RESET_FAILED.format(chat=self.platform.chat) if command == "/reset" else FORGET_FAILED
-        return self.about if command == "/about" else self.platform.help()
+        return self.about if command == "/about" else self.platform.help(self.is_owner(sender))
+
+    async def correct(self, message: Inbound) -> str:
+        """Store the owner's `/correct <text>` of the clone's message it replies to, with the turns
+        that prompted that reply; the line to answer with. Run within the chat's turn."""
+        words = message.text.split(maxsplit=1)
+        text, replied = (words[1].strip() if len(words) > 1 else ""), message.replied_to
+        if not text or replied is None or not replied.text.strip():
+            return CORRECT_USAGE
+        if replied.text.strip() in self._not_the_clones_words():
+            return NOTHING_TO_CORRECT
+        if self.corrections is None:
+            return NO_FOLDER
+        sender = message.sender
+        found = await self.engine.context_of(sender.platform, sender.chat_id, message.is_dm,
+                                             self._sent_as(replied.text))
+        context, reply = found or ([], replied.text.strip())
+        reply_id = f"{sender.platform}:{sender.chat_id}:{replied.message_id}"
+        try:
+            await asyncio.to_thread(corrections.add, self.corrections, reply_id=reply_id,
+                                    context=context, reply=reply, text=text, source=sender.platform)
+        except corrections.CorrectionError as e:  # its message names the problem, never the text
+            return f"Not stored: {e}."
+        except OSError as e:
+            log.warning("%s command=/correct failed (%s)", sender.platform, type(e).__name__)
+            return CORRECT_FAILED
+        log.info("%s command=/correct %s=%s msg=%s context_turns=%d found=%s", sender.platform,
+                 self.platform.chat, sender.chat_id, sender.message_id, len(context), found is not None)
+        return NOTED if found else NOTED_WITHOUT_CONTEXT.format(chat=self.platform.chat)
+
+    def _sent_as(self, replied: str) -> Callable[[str], bool]:
+        """Whether a remembered reply went out as, among others, the message `replied`: each of its
+        lines is one message, sent made harmless for the platform."""
+        target = replied.strip()
+        return lambda reply: any(self.platform.defuse(line).strip() == target
+                                 for line in reply.split("\n"))
+
+    def _not_the_clones_words(self) -> set[str]:
+        """Messages the bot sends that no model wrote: correcting them would teach nothing."""
+        said = (self.about, BUSY_REPLY, UNAVAILABLE_REPLY, RATE_LIMIT_REPLY)
+        return {t.strip() for text in said for t in (text, self.platform.defuse(text))}
 
     async def answer_command(self, command: str, sender: Sender) -> CommandReply | None:
         """A command that wants its answer at once (a Discord slash command: within 3 s), so it does
@@ -175,6 +256,7 @@ class Conversation:
                  sender.chat_id, verdict.value)
         if verdict is Verdict.DUPLICATE:
             return None
-        if verdict is Verdict.ANSWER:
-            return CommandReply(await self.command_reply(command, sender), command == "/forget")
+        if verdict is Verdict.ANSWER:  # the owner's /help names the owner's commands: theirs alone
+            private = command == "/forget" or (command == "/help" and self.is_owner(sender))
+            return CommandReply(await self.command_reply(command, sender), private)
         return CommandReply(NOT_HERE if verdict is Verdict.IGNORE else RATE_LIMIT_REPLY, True)

@@ -22,7 +22,7 @@ import discord
 from discord import app_commands
 
 from bot.chunks import DISCORD_LIMIT, split_message
-from bot.conversation import Conversation, Inbound, Platform, command_in
+from bot.conversation import Conversation, Inbound, Platform, RepliedTo, command_in
 from bot.engine import Engine
 from bot.gate import Gate, Sender, Stopping
 
@@ -89,7 +89,10 @@ class CloneClient(discord.Client):
             text = _strip_mention(text, me.id)
         if not text:
             return
-        inbound = Inbound(_sender(message), message.author.display_name, text, is_dm, command_in(text))
+        sender = _sender(message)  # the owner's /correct is a command; anyone else's, a message
+        command = command_in(text, self.conversation.is_owner(sender))
+        inbound = Inbound(sender, message.author.display_name, text, is_dm, command,
+                          _replied_to(message, me))
         chat, task = DiscordChat(message), asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
@@ -168,9 +171,16 @@ def _mentions(message: discord.Message, me: discord.ClientUser) -> bool:
 
 
 def _replies_to(message: discord.Message, me: discord.ClientUser) -> bool:
+    return _replied_to(message, me) is not None
+
+
+def _replied_to(message: discord.Message, me: discord.ClientUser) -> RepliedTo | None:
+    """The clone's own message this one replies to, as Discord delivered it with the reply."""
     ref = message.reference
     resolved = ref.resolved if ref else None
-    return isinstance(resolved, discord.Message) and resolved.author.id == me.id
+    if not isinstance(resolved, discord.Message) or resolved.author.id != me.id:
+        return None
+    return RepliedTo(str(resolved.id), resolved.content)
 
 
 def _strip_mention(text: str, user_id: int) -> str:

@@ -197,6 +197,25 @@ class Engine:
         # A backend that cannot tell whether it was cut: take it as whole.
         return Generated(raw) if isinstance(raw, str) else raw
 
+    async def context_of(
+        self, platform: str, channel: str, is_dm: bool, sent_as: Callable[[str], bool],
+    ) -> tuple[list[dict[str, str]], str] | None:
+        """For the owner's correction of one of the clone's replies in a channel: the conversation
+        turns that prompted it (user/assistant as its prompt showed them, no system prompt; none
+        when they have left the window) and the reply's whole text, for the newest remembered reply
+        that `sent_as` recognizes; None when the window no longer holds it."""
+        history, _ = await self.memory.recall(self.key(platform, channel))
+        at = next((i for i in reversed(range(len(history)))
+                   if history[i].from_persona and sent_as(history[i].text)), None)
+        if at is None:
+            return None
+        before, reply = history[:at], history[at].text
+        if not before or before[-1].from_persona:  # the message it answered has left the window
+            return [], reply
+        *older, asked = before
+        incoming = Incoming(platform, channel, asked.author_id, asked.author, asked.text, is_dm)
+        return [m for m in self.prompt(older, incoming) if m["role"] != "system"], reply
+
     async def reset(self, platform: str, channel: str) -> None:
         """Forget the channel's conversation; raises MemoryUnavailable when it could not."""
         await self.memory.reset(self.key(platform, channel))

@@ -289,7 +289,7 @@ async def start_telegram(engine, settings: PlatformSettings, gate: Gate | None):
         await connect(settings, app.initialize, settings.telegram_api(), (NetworkError,))  # getMe
         if not app.bot.bot.is_bot:
             raise SettingsError(TELEGRAM_USER)
-        await register_commands(app.bot)
+        await register_commands(app.bot, gate.rules.owner if gate else ())
         await app.start()
         await _receive(app, settings)
     except BaseException as e:

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
-from telegram import Bot, Message, ReplyParameters, Update
+from telegram import Bot, BotCommandScopeChat, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType
 from telegram.error import Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import (
@@ -39,7 +39,7 @@ from telegram.ext import (
 from telegram.request import HTTPXRequest
 
 from bot.chunks import TELEGRAM_LIMIT, split_message
-from bot.conversation import COMMANDS, Conversation, Inbound, Platform
+from bot.conversation import COMMANDS, OWNER_COMMANDS, Conversation, Inbound, Platform, RepliedTo
 from bot.engine import Engine
 from bot.gate import Gate, Sender
 
@@ -179,10 +179,16 @@ class TrackedUpdates(BaseUpdateProcessor):
         return None
 
 
-async def register_commands(bot: Bot) -> None:
-    """The command menu Telegram shows under "/"; cosmetic, so a failure is only logged."""
+async def register_commands(bot: Bot, owners: Iterable[str] = ()) -> None:
+    """The command menu Telegram shows under "/", with the owner's commands in the owners' private
+    chats only (`owners`: "telegram:<id>" as in [serve] owner); cosmetic, so a failure is only logged."""
     try:
         await bot.set_my_commands(list(TELEGRAM.menu().items()))
+        for owner in owners:
+            platform, user_id = owner.split(":", 1)
+            if platform == PLATFORM:
+                await bot.set_my_commands(list(TELEGRAM.menu(owner=True).items()),
+                                          scope=BotCommandScopeChat(int(user_id)))
     except TelegramError as e:
         log.warning("telegram: command menu not set (%s)", type(e).__name__)
 
@@ -195,7 +201,7 @@ class TelegramAdapter:
 
     def register(self, app: Application) -> None:
         new_messages = filters.UpdateType.MESSAGE  # an edit is not a new message to answer
-        names = [c.removeprefix("/") for c in COMMANDS]
+        names = [c.removeprefix("/") for c in (*COMMANDS, *OWNER_COMMANDS)]
         app.add_handler(CommandHandler(names, self.on_command, filters=new_messages))
         app.add_handler(MessageHandler(new_messages & filters.TEXT & ~filters.COMMAND, self.on_text))
         app.add_error_handler(self.on_error)
@@ -222,7 +228,10 @@ class TelegramAdapter:
             return
         # "/about@sam_clone_bot" in a group: CommandHandler already checked the name is ours.
         command = message.text.split(maxsplit=1)[0].split("@", 1)[0].lower()
-        inbound = _inbound(message, message.text, message.chat.type == ChatType.PRIVATE, command)
+        inbound = _inbound(message, message.text, message.chat.type == ChatType.PRIVATE, command,
+                           _replied_to(message, context.bot))
+        if command in OWNER_COMMANDS and not self.conversation.is_owner(inbound.sender):
+            return  # not theirs: as any command the bot does not have, it goes unanswered
         await self._handle(update, inbound, TelegramChat(context.bot, message))
 
     async def _handle(self, update: Update, inbound: Inbound, chat: TelegramChat) -> None:
@@ -268,11 +277,12 @@ class TelegramChat:
             await asyncio.sleep(TYPING_EVERY_S)
 
 
-def _inbound(message: Message, text: str, is_dm: bool, command: str | None = None) -> Inbound:
+def _inbound(message: Message, text: str, is_dm: bool, command: str | None = None,
+             replied_to: RepliedTo | None = None) -> Inbound:
     user = message.from_user
     sender = Sender(PLATFORM, str(user.id) if user else "unknown", str(message.chat_id),
                     str(message.message_id))
-    return Inbound(sender, user.full_name if user else "", text, is_dm, command)
+    return Inbound(sender, user.full_name if user else "", text, is_dm, command, replied_to)
 
 
 def _from_bot(message: Message) -> bool:
@@ -294,6 +304,14 @@ def _mentions(message: Message, bot: Bot) -> bool:
 def _replies_to_bot(message: Message, bot: Bot) -> bool:
     replied = message.reply_to_message
     return bool(replied and replied.from_user and replied.from_user.id == bot.id)
+
+
+def _replied_to(message: Message, bot: Bot) -> RepliedTo | None:
+    """The clone's own message this one replies to, if it replies to one."""
+    replied = message.reply_to_message
+    if replied is None or not _replies_to_bot(message, bot):
+        return None
+    return RepliedTo(str(replied.message_id), replied.text or "")
 
 
 def _strip_mention(text: str, username: str) -> str:

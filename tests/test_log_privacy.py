@@ -142,3 +142,45 @@ def test_the_discord_adapter(tmp_path, count_tokens, monkeypatch, everything, ca
     run(engine, monkeypatch, scenario, Gate(quiet(messages_per_minute=0), PERSONA.id))
     assert "bot.conversation" in {r.name for r in everything.records}
     assert_not_logged(everything.records, everything.text, *capfd.readouterr())
+
+
+def test_the_owners_correct_on_telegram(tmp_path, count_tokens, everything, capfd):
+    from tests.fake_telegram import BOT
+    from tests.test_telegram import command, dm, run
+
+    owner = {"id": 12, "is_bot": False, "first_name": "Sam"}
+    persona = Persona(name="Sam", root=tmp_path / "sam")
+    engine = Engine(persona, Echo(), EmbeddedMemory(tmp_path / "m.json"), count_tokens)
+    said = {"message_id": 9001, "date": 0, "from": BOT, "chat": dm("", owner)["chat"],
+            "text": f"you said {SAID[0]}"}
+
+    async def scenario(fake):
+        fake.queue(dm(SAID[0], owner))
+        await until(lambda: len(fake.sent()) == 2)
+        fake.queue({**command(f"/correct {PLANTED}", user=owner), "reply_to_message": said})
+        await until(lambda: len(fake.sent()) == 3)
+
+    run(engine, scenario, Gate(quiet(owner=frozenset({"telegram:12"})), persona.id))
+    assert PLANTED in (tmp_path / "sam" / "corrections.jsonl").read_text()  # stored, not logged
+    assert any("command=/correct" in r.getMessage() for r in everything.records)
+    assert_not_logged(everything.records, everything.text, *capfd.readouterr())
+
+
+def test_the_owners_correct_on_discord(tmp_path, count_tokens, monkeypatch, everything, capfd):
+    from tests.fake_discord import BOT
+    from tests.test_discord import ANA, DM_CHANNEL, run
+
+    persona = Persona(name="Sam", root=tmp_path / "sam")
+    engine = Engine(persona, Echo(), EmbeddedMemory(tmp_path / "m.json"), count_tokens)
+
+    async def scenario(fake):
+        await fake.push(fake.message(SAID[0], ANA, DM_CHANNEL))
+        await until(lambda: len(fake.sent(DM_CHANNEL)) == 2)
+        said = fake.message(f"you said {SAID[0]}", BOT, DM_CHANNEL)
+        await fake.push(fake.message(f"/correct {PLANTED}", ANA, DM_CHANNEL, referenced=said))
+        await until(lambda: len(fake.sent(DM_CHANNEL)) == 3)
+
+    run(engine, monkeypatch, scenario, Gate(quiet(owner=frozenset({f"discord:{ANA['id']}"})), persona.id))
+    assert PLANTED in (tmp_path / "sam" / "corrections.jsonl").read_text()
+    assert any("command=/correct" in r.getMessage() for r in everything.records)
+    assert_not_logged(everything.records, everything.text, *capfd.readouterr())
