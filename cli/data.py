@@ -133,6 +133,11 @@ def print_prepared(outcome: Outcome) -> None:
     dropped = {k: v for k, v in card.skipped.items() if k != "at_import" and v}
     if dropped:
         print("Filtered: " + ", ".join(f"{k}: {v:,}" for k, v in dropped.items()))
+    if card.corrections:  # counts only: a correction's words are as private as the chats
+        c = card.corrections
+        skipped = "".join(f", {reason}: {n}" for reason, n in c["skipped"].items())
+        print(f"Corrections: {c['used']} of {c['read']} used ({c['samples']} samples, "
+              f"{c['pairs']} preference pairs{skipped})")
     redacted = ", ".join(f"{k}: {v:,}" for k, v in card.redactions.items()) or "nothing found"
     print(f"Redacted: {redacted}")
     print(f"Wrote {shown(outcome.out)}/train.jsonl, val.jsonl, card.json "

@@ -11,7 +11,9 @@ Read top to bottom, this is the whole pipeline:
   7. recallable  the knowledge base's facts and the training conversations' exchanges, as
                  items for the persona index (training.index embeds them and gives every
                  sample what serving would recall for it)
-  8. write       into a staging folder, renamed into place only when complete
+  8. corrected   the owner's corrections (training.feedback) join the training split as samples,
+                 their preference pairs beside it (added by training.prepare, after the index)
+  9. write       into a staging folder, renamed into place only when complete
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from training.atomic import staged_dir
 from training.config import PrepareConfig  # re-exported: its home was here
+from training.feedback import Feedback
 from training.importers.tables import PLATFORM as TABLE_PLATFORM
 from training.importers.tables import QA_ANSWERER, QA_ASKER
 from training.knowledge import Item, exchanges
@@ -38,6 +41,7 @@ from training.privacy import Redactor
 from training.prompt import CONTRACT_VERSION, Utterance, prompt_tokens, to_chat_messages, turn_tokens
 
 TokenCounter = Callable[[str], int]
+PAIRS_FILE = "preferences.jsonl"  # preference pairs from corrections, TRL's conversational format
 NEAR_DUP_MIN_CHARS = 16  # "ok" and "lol" again are how a person texts, not duplicates
 
 
@@ -55,6 +59,7 @@ class DatasetCard:
     date_range: dict = field(default_factory=dict)
     redactions: dict = field(default_factory=dict)
     index: dict | None = None  # the persona index: embedding model, item counts, fingerprint
+    corrections: dict | None = None  # the owner's corrections trained on: counts only (training.feedback)
     fingerprint: str = ""
 
 
@@ -299,6 +304,7 @@ class Prepared:
     val: list[dict]
     card: DatasetCard
     items: list[Item] = field(default_factory=list)  # what the persona index is built from
+    pairs: list[dict] = field(default_factory=list)  # preference pairs from the owner's corrections
 
 
 class _Windower:
@@ -460,12 +466,28 @@ def _jsonl(samples: list[dict]) -> str:
     return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
 
-def fingerprint(train: list[dict], val: list[dict]) -> str:
+def fingerprint(train: list[dict], val: list[dict], pairs: list[dict] | None = None) -> str:
     h = hashlib.sha256()
     h.update(_jsonl(train).encode("utf-8"))
     h.update(b"\x00")
     h.update(_jsonl(val).encode("utf-8"))
+    if pairs:  # hashed only when there are some: a dataset without corrections keeps its fingerprint
+        h.update(b"\x00")
+        h.update(_jsonl(pairs).encode("utf-8"))
     return "sha256:" + h.hexdigest()
+
+
+def add_feedback(prepared: Prepared, feedback: Feedback) -> None:
+    """The owner's corrections join the training split (samples; their pairs beside it), after
+    the persona index gave the chats their recalled items: a correction keeps what its reply
+    really drew on. The card counts them; their redactions join the chats'."""
+    card = prepared.card
+    prepared.train.extend(feedback.samples)
+    prepared.pairs = list(feedback.pairs)
+    card.samples["train"] = len(prepared.train)
+    card.corrections = feedback.card()
+    card.redactions = dict(sorted((Counter(card.redactions) + feedback.redactions).items()))
+    card.fingerprint = fingerprint(prepared.train, prepared.val, prepared.pairs)
 
 
 def write(prepared: Prepared, out: Path, index=None) -> None:
@@ -476,5 +498,7 @@ def write(prepared: Prepared, out: Path, index=None) -> None:
             index.save(tmp / "index")
         (tmp / "train.jsonl").write_text(_jsonl(prepared.train), encoding="utf-8")
         (tmp / "val.jsonl").write_text(_jsonl(prepared.val), encoding="utf-8")
+        if prepared.pairs:
+            (tmp / PAIRS_FILE).write_text(_jsonl(prepared.pairs), encoding="utf-8")
         card = json.dumps(asdict(prepared.card), ensure_ascii=False, indent=2) + "\n"
         (tmp / "card.json").write_text(card, encoding="utf-8")

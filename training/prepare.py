@@ -3,7 +3,8 @@
 import (streamed, counted per chat and author) -> who the person is (--me, else persona.toml's
 `me`, else the export's owner) -> build the samples (training.dataset) -> refuse an empty result
 -> the persona index (knowledge facts and notes, the person's exchanges), and each sample's
-recalled items from it -> write the dataset folder and its index atomically. `clone prepare`,
+recalled items from it -> the owner's corrections as samples and preference pairs (with the
+items their replies drew on) -> write the dataset folder and its index atomically. `clone prepare`,
 `start` and `retrain`, and the benchmarks, all come through here.
 """
 
@@ -15,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training import dataset, index, knowledge
+from training import corrections as corrections_store
+from training import dataset, feedback, index, knowledge
 from training.config import PrepareConfig
 from training.message import ImportReport, Message
 from training.persona import Persona
@@ -77,9 +79,11 @@ def prepare(
     paths: Sequence[Path], persona: Persona, cfg: PrepareConfig, count_tokens: Callable[[str], int],
     *, fmt: str | None = None, blocklist: Sequence[str] = (), tally: ImportTally | None = None,
     report: ImportReport | None = None, embedder: index.TextEmbedder | None = None,
+    corrections: Sequence[dict] | None = None,
 ) -> Outcome:
     """Import `paths`, build the samples and write them to the persona's dataset folder. An
-    empty result raises PrepareError and the dataset already there stays as it was."""
+    empty result raises PrepareError and the dataset already there stays as it was.
+    `corrections` default to the persona's own corrections.jsonl."""
     from training.importers import import_messages
 
     assert persona.dataset is not None, "a persona loaded from its folder"
@@ -95,8 +99,18 @@ def prepare(
             f"({prepared.card.messages.get('persona', 0)} of their messages kept): "
             f"nothing written, {persona.dataset} is unchanged")
     built = index_persona(prepared, persona, count_tokens, cfg.recall_tokens, embedder)
+    if corrections is None:
+        corrections = persona_corrections(persona)
+    if corrections:
+        fed = feedback.from_corrections(corrections, persona, count_tokens, cfg.max_tokens)
+        dataset.add_feedback(prepared, fed)
     dataset.write(prepared, persona.dataset, built)
     return Outcome(prepared, report, tally, me, guessed, persona.dataset)
+
+
+def persona_corrections(persona: Persona) -> list[dict]:
+    """The owner's corrections stored in the persona's folder (none for a persona without one)."""
+    return corrections_store.load(corrections_store.corrections_file(persona.root)) if persona.root else []
 
 
 def index_persona(
