@@ -15,7 +15,7 @@ from training.config import TrainConfig
 from training.persona import add_exports
 
 TRAIN_FIELDS = ["epochs", "max_steps", "max_minutes", "learning_rate", "batch_size", "lora_r", "seed",
-                "precision", "knowledge_share"]
+                "precision", "knowledge_share", "correction_weight", "preference"]
 
 
 def train_config(session: Session, args: argparse.Namespace) -> TrainConfig:
@@ -45,6 +45,21 @@ def print_trained(result) -> None:
     )
 
 
+def print_corrections(result, always: bool = False) -> None:
+    """How many of the owner's corrections the adapter learnt from: counts, never their text."""
+    used = result.manifest["dataset"].get("corrections")
+    if not used:
+        if always:
+            print("Corrections used: 0 (none stored yet: the console's Good/Bad and your own words add them)")
+        return
+    weight = result.manifest["hyperparameters"].get("correction_weight")
+    dpo = result.manifest["metrics"].get("preference")
+    stage = f", DPO {dpo['steps']} steps" if dpo else ", not trained on (--preference none)"
+    pairs = f"{used['pairs']} preference pair{'' if used['pairs'] == 1 else 's'}"
+    print(f"Corrections used: {used['used']} of {used['read']} ({used['samples']} samples x{weight}; "
+          f"{pairs}{stage if used['pairs'] else ''})")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from training.train import train
 
@@ -53,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     using(session.persona, dataset=True, adapter=f"new adapter in {shown(session.persona.adapters)}")
     result = train(train_config(session, args))
     print_trained(result)
+    print_corrections(result)
     print(f"Active adapter: {result.version}")
 
 
@@ -170,6 +186,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
         raise
     outcome = retrain(train_config(session, args), force=args.force)
     print_trained(outcome.new)
+    print_corrections(outcome.new, always=True)
     if outcome.active_val_loss is not None:
         print(f"Validation loss: new {outcome.new_val_loss:.4f}, "
               f"active {outcome.active_version} {outcome.active_val_loss:.4f}")

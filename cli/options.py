@@ -47,7 +47,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, names: list[s
             parser.add_argument(*flags, dest=name, action="store_true", help=f.metadata.get("help"))
         else:
             parser.add_argument(*flags, dest=name, type=_flag_type(hints[name]), default=default,
-                                metavar=name.upper(), help=f.metadata.get("help"))
+                                metavar=name.upper(), choices=f.metadata.get("choices"),
+                                help=f.metadata.get("help"))
 
 
 def config_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -74,6 +74,20 @@ class TrainConfig:
         "help": "Share of the layers, from the top, that get LoRA (1: all of them)."})
     knowledge_share: float = field(default=0.25, metadata={
         "help": "Share of the training samples that are knowledge-base answers (repeated to reach it)."})
+    # Knowledge answers get repeated to a share; corrections are few and each is the owner saying
+    # exactly what they want, so a plain repeat count, as a weight.
+    correction_weight: int = field(default=3, metadata={
+        "help": "Times each of the owner's corrections is trained on per epoch (0: not at all)."})
+    preference: str = field(default="dpo", metadata={
+        "help": "After supervised training, learn the owner's preferences (their text over the clone's "
+                "reply) with TRL's DPO, or not: dpo or none.", "choices": ("dpo", "none")})
+    preference_epochs: float = field(default=2.0, metadata={
+        "help": "Passes of the preference stage over the preference pairs."})
+    # DPO's usual 5e-7..1e-6 is for full fine-tuning; LoRA moves less per step.
+    preference_lr: float = field(default=5e-5, metadata={
+        "help": "Peak learning rate of the preference stage."})
+    preference_beta: float = field(default=0.1, metadata={
+        "help": "DPO's beta: how far the preference stage may move from the supervised adapter."})
     # The dataset's budget is 512.
     max_length: int = field(default=640, metadata={
         "help": "Longest sample in tokens; longer ones are cut."})

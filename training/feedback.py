@@ -185,7 +185,9 @@ def from_corrections(items: Sequence[dict], persona: Persona, count_tokens: Call
     groups: dict[str, list[Correction]] = defaultdict(list)
     for item in items:
         c = clean(item, scrub)
-        if c is None:
+        if item.get("context") == []:  # a /correct whose message had left the chat's window
+            out.skipped["without the message it answered"] += 1
+        elif c is None:
             out.skipped["malformed"] += 1
         else:
             groups[c.prompt_key].append(c)

@@ -3,12 +3,15 @@
 Read top to bottom:
   1. settings     TrainConfig (training/config.py, torch-free, like TRL's config dataclasses)
   2. speed        glibc allocator tuning, bf16 where the hardware multiplies it fast, no LoRA dropout
-  3. data         samples encoded once; labels only on the person's turns
+  3. data         samples encoded once; labels only on the person's turns; the owner's
+                  corrections repeated (correction_weight), like knowledge answers
   4. model        base model + LoRA on the top layers' linear modules (peft)
   5. loop         transformers' Trainer: length-grouped batches, the LM head run only where the
                   loss needs it, checkpoints, evaluation, progress bar with ETA and tokens/s;
                   with a time budget, the number of steps (and so the whole warm-up + cosine
                   schedule) is planned from the measured speed and re-planned after every step
+  5b. preference  TRL's DPO on the owner's preference pairs (training.preference), the supervised
+                  adapter as its reference, inside the same time budget (the loop keeps it room)
   6. output       adapter + tokenizer + manifest (last) staged, then renamed into place; nothing
                   in it names a path of this machine, since adapters are moved and shared
   7. activation   `adapters/active` swapped only after the run finished and was evaluated
@@ -36,11 +39,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from training import adapters
+from training import adapters, preference
 from training.atomic import staged_dir
 from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
 from training.config import TrainConfig  # re-exported: its home was here
-from training.encode import IGNORE, collate, encode, load_jsonl, token_nll
+from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll
 from training.prompt import CONTRACT_VERSION
 
 log = logging.getLogger(__name__)
@@ -98,14 +101,39 @@ def pick_precision(setting: str) -> str:
 # -- 3. data ---------------------------------------------------------------------------------
 
 
-def load_split(data: Path, name: str, tokenizer, max_length: int, knowledge_share: float = 0.0) -> list[dict]:
-    rows, knowledge = [], []
+def load_split(data: Path, name: str, tokenizer, max_length: int, knowledge_share: float = 0.0,
+               correction_weight: int = 1) -> list[dict]:
+    """The split's encoded samples: chats once, knowledge answers repeated to `knowledge_share`
+    of them, the owner's corrections `correction_weight` times each."""
+    rows: list[dict] = []
+    knowledge: list[dict] = []
+    corrected: list[dict] = []
     for sample in load_jsonl(data / f"{name}.jsonl"):
-        e = encode(sample["messages"], tokenizer, max_length)
+        e = encode_sample(sample, tokenizer, max_length)
         if any(label != IGNORE for label in e.labels[1:]):
-            (knowledge if sample.get("knowledge") else rows).append(
-                {"input_ids": e.input_ids, "labels": e.labels})
-    return rows + knowledge * knowledge_repeats(len(rows), len(knowledge), knowledge_share)
+            bucket = corrected if sample.get("correction") else knowledge if sample.get("knowledge") else rows
+            bucket.append({"input_ids": e.input_ids, "labels": e.labels})
+    repeats = knowledge_repeats(len(rows), len(knowledge), knowledge_share)
+    return rows + knowledge * repeats + corrected * max(0, correction_weight)
+
+
+def encode_sample(sample: dict, tokenizer, max_length: int) -> Encoded:
+    """A sample's tokens and labels. A correction learns its last turn alone: the assistant turns
+    before it are what the clone said in that chat, not the person's words."""
+    e = encode(sample["messages"], tokenizer, max_length)
+    if sample.get("correction"):
+        prefix = len(encode(sample["messages"][:-1], tokenizer, add_generation_prompt=True).input_ids)
+        e.labels[:prefix] = [IGNORE] * min(prefix, len(e.labels))
+    return e
+
+
+def load_pairs(data: Path, tokenizer, max_length: int) -> list[dict]:
+    """The dataset's preference pairs, encoded for the preference stage (none without corrections)."""
+    from training.dataset import PAIRS_FILE
+    from training.preference import encode_pairs
+
+    path = data / PAIRS_FILE
+    return encode_pairs(load_jsonl(path), tokenizer, max_length) if path.is_file() else []
 
 
 def knowledge_repeats(chats: int, knowledge: int, share: float) -> int:
@@ -259,8 +287,10 @@ class TimeBudget(TrainerCallback):
     Must run before DefaultFlowCallback, which compares the step with `state.max_steps`.
     """
 
-    def __init__(self, trainer: CloneTrainer, deadline: float, final_batches: int) -> None:
+    def __init__(self, trainer: CloneTrainer, deadline: float, final_batches: int,
+                 reserve_steps: float = 0.0) -> None:
         self.trainer, self.deadline, self.final_batches = trainer, deadline, final_batches
+        self.reserve_steps = reserve_steps  # step-equivalents of work after the run (the preference stage)
         self.limit = 0            # the steps epochs/max_steps allow
         self.began = 0.0          # when training began
         self.mark: tuple[float, int] | None = None  # (time, step) at the end of the first step
@@ -276,7 +306,8 @@ class TimeBudget(TrainerCallback):
             self.mark = (now, state.global_step)
         else:
             per_step = (now - self.mark[0]) / max(1, state.global_step - self.mark[1])
-        left = self.deadline - now - (self.final_batches * FORWARD_SHARE * per_step + SAVE_SECONDS)
+        after = (self.final_batches * FORWARD_SHARE + self.reserve_steps) * per_step + SAVE_SECONDS
+        left = self.deadline - now - after
         planned = min(self.limit, state.global_step + max(0, math.floor(left / per_step)))
         self.limited = planned < self.limit
         state.max_steps = planned
@@ -340,8 +371,10 @@ def training_args(cfg: TrainConfig, work: Path, precision: str, has_val: bool) -
 def build_trainer(
     cfg: TrainConfig, model, tokenizer, train_rows: list[dict], val_rows: list[dict], work: Path,
     precision: str, trainer_class: type[CloneTrainer] = CloneTrainer, started: float | None = None,
+    reserve_steps: float = 0.0,
 ) -> CloneTrainer:
-    """The Trainer for one run; `started` (time.monotonic()) is when cfg.max_minutes began."""
+    """The Trainer for one run; `started` (time.monotonic()) is when cfg.max_minutes began, and
+    a time budget keeps `reserve_steps` steps' time free for what follows (the preference stage)."""
     trainer = trainer_class(
         model=model,
         args=training_args(cfg, work, precision, bool(val_rows)),
@@ -358,7 +391,8 @@ def build_trainer(
         # After the last step: mean_nll's scoring in train().
         final_batches = math.ceil(len(val_rows) / SCORE_BATCH)
         # First in line: DefaultFlowCallback must see the new plan in the same step.
-        trainer.callback_handler.callbacks.insert(0, TimeBudget(trainer, deadline, final_batches))
+        budget = TimeBudget(trainer, deadline, final_batches, reserve_steps)
+        trainer.callback_handler.callbacks.insert(0, budget)
     return trainer
 
 
@@ -431,6 +465,7 @@ def new_manifest(
             "persona": card.get("persona"),
             "train_samples": samples[0],
             "val_samples": samples[1],
+            "corrections": card.get("corrections"),  # counts of the owner's corrections trained on
         },
         "hyperparameters": hyper,
         "libraries": library_versions(),
@@ -496,6 +531,18 @@ def open_run(cfg: TrainConfig, fingerprint: str) -> tuple[str, Path | None, Path
     return version, checkpoint, work
 
 
+def preference_stage(cfg: TrainConfig, model, tokenizer, pair_rows: list[dict], work: Path, precision: str,
+                     started: float) -> dict | None:
+    """DPO on the preference pairs after supervised training (training.preference); its metrics,
+    None when there is nothing to prefer or it is switched off. Inside cfg.max_minutes, counted
+    from `started`."""
+    if cfg.preference != "dpo" or not pair_rows:
+        return None
+    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else None
+    return preference.train_preferences(model, tokenizer, pair_rows, cfg, work / "preference", precision,
+                                        deadline)
+
+
 def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Train one adapter; returns its version. `adapters/active` moves only if cfg.activate.
 
@@ -509,8 +556,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     card = read_card(cfg.data)
     base: BaseModel = resolve_base(cfg.base)
     tokenizer = load_tokenizer(base)
-    train_rows = load_split(cfg.data, "train", tokenizer, cfg.max_length, cfg.knowledge_share)
+    train_rows = load_split(cfg.data, "train", tokenizer, cfg.max_length, cfg.knowledge_share,
+                            cfg.correction_weight)
     val_rows = load_split(cfg.data, "val", tokenizer, cfg.max_length)
+    pair_rows = load_pairs(cfg.data, tokenizer, cfg.max_length) if cfg.preference == "dpo" else []
     if not train_rows:
         raise ValueError(f"{cfg.data}/train.jsonl has no sample with a reply of the person to learn")
 
@@ -523,18 +572,22 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
 
     set_seed(cfg.seed)
     model = with_lora(load_model(base), cfg)
-    trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision, started=started)
+    reserve = preference.STEP_COST * preference.planned_steps(len(pair_rows), cfg)
+    trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision, started=started,
+                            reserve_steps=reserve)
     for callback in callbacks:
         trainer.add_callback(callback)
     run_started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.monotonic() - run_started
+    preferred = preference_stage(cfg, model, tokenizer, pair_rows, work, precision, started)
 
     val = mean_nll(model, val_rows, tokenizer.pad_token_id) if val_rows else (None, 0)
     if val[0] is not None:  # the final point of the validation curve
         trainer.state.log_history.append(
             {"eval_loss": round(val[0], 4), "step": trainer.state.global_step, "epoch": trainer.state.epoch})
     manifest["metrics"] = run_metrics(trainer, output, runtime, val, checkpoint.name if checkpoint else None)
+    manifest["metrics"]["preference"] = preferred
     folder = cfg.out / version
     save_adapter(folder, model, tokenizer, trainer, manifest, cfg.data / "index")
     shutil.rmtree(work, ignore_errors=True)
