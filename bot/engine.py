@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
-from bot.recall import Asked, Recaller
+from bot.recall import Asked, FactAnswers, Recaller, Scored, fact_answer
 from training.persona import Persona
 from training.prompt import (
     CHARS_PER_TOKEN,
@@ -64,6 +64,14 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class Grounded(Protocol):
+    """A backend that can also give its most likely turn (no sampling): used when the reply
+    should repeat a recalled fact rather than improvise around it."""
+
+    async def generate_grounded(self, messages: list[dict[str, str]]) -> Generated | str: ...
+
+
 @dataclass(frozen=True)
 class Delivery:
     """Human-like pacing: a pause before each message that grows with its length, bounded."""
@@ -99,10 +107,13 @@ class Engine:
         prompt_tokens: int = 512,  # the dataset's sample budget: the context the clone was trained on
         recaller: Recaller | None = None,
         recall_tokens: int = RECALL_TOKENS,  # of prompt_tokens, at most, for recalled items
+        fact_answers: FactAnswers | None = None,  # None: every reply is generated
+        grounded_min: float | None = None,  # a knowledge item this similar: decode without sampling
     ) -> None:
         self.persona, self.backend, self.memory = persona, backend, memory
         self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
         self.recaller, self.recall_tokens = recaller, recall_tokens
+        self.fact_answers, self.grounded_min = fact_answers, grounded_min
         self._order = KeyedLocks()
         # Called with each prompt before it is generated from: the owner's console shows what a reply
         # drew on and stores it with a correction. None (the bots): nothing is kept.
@@ -149,11 +160,12 @@ class Engine:
         history, epoch = await self.memory.recall(key)
         asked = Asked(incoming.platform, incoming.author_id, incoming.author, incoming.text)
         vector = await self.recaller.embed(incoming.text) if self.recaller else None
-        recalled = await self._recall(asked, vector, history)
+        found = await self._recall(asked, vector, history)
+        recalled = fit_recalled([f.item for f in found], self.count_tokens, self.recall_tokens)
         prompt = self.prompt(history, incoming, recalled)
-        if self.on_prompt is not None:
+        if self.on_prompt is not None:  # a fact answer drew on the same items: the console shows them
             self.on_prompt(key, prompt, recalled)
-        raw = await self._generate(prompt, incoming)
+        raw = await self._answer(prompt, incoming, found)
         if isinstance(raw, str):  # the backend could not answer: say so, remember nothing
             return [raw]
         speakers = {t.author for t in history if not t.from_persona} | {incoming.author}
@@ -172,20 +184,42 @@ class Engine:
         )
         return replies
 
-    async def _recall(self, asked: Asked, vector, history: list[Turn]) -> list[Recalled]:
-        """The recalled items that fit their budget; none without a Recaller. What the rolling
+    async def _recall(self, asked: Asked, vector, history: list[Turn]) -> list[Scored]:
+        """What the message recalls, best first; none without a Recaller. What the rolling
         window still shows (from its oldest turn on) is not recalled again."""
         if self.recaller is None or vector is None:
             return []
         before = history[0].at if history else None
-        found = await self.recaller.recall(asked, vector, before)
-        return fit_recalled(found, self.count_tokens, self.recall_tokens)
+        return await self.recaller.recall(asked, vector, before)
 
-    async def _generate(self, messages: list[dict[str, str]], incoming: Incoming) -> Generated | str:
+    async def _answer(self, prompt: list[dict[str, str]], incoming: Incoming,
+                      found: list[Scored]) -> Generated | str:
+        """The person's own written answer when the message asks a knowledge-base question near
+        certainly (a 135M model copies a recalled fact into its reply only a third of the time);
+        else the model's turn, without sampling when a knowledge item matches closely."""
+        fact = fact_answer(found, incoming.text, self.fact_answers)
+        if fact is not None:
+            log.info("fact answer platform=%s channel=%s similarity=%.2f",
+                     incoming.platform, incoming.channel, fact.similarity)
+            return Generated(fact.item.text)
+        return await self._generate(prompt, incoming, self._grounded(found))
+
+    def _grounded(self, found: list[Scored]) -> bool:
+        """Whether the best item is the person's knowledge (a fact or a note), at least
+        `grounded_min` similar, and the backend can decode without sampling."""
+        if self.grounded_min is None or not found or not isinstance(self.backend, Grounded):
+            return False
+        return found[0].kind in ("fact", "note") and found[0].similarity >= self.grounded_min
+
+    async def _generate(self, messages: list[dict[str, str]], incoming: Incoming,
+                        grounded: bool = False) -> Generated | str:
         """The model's turn, or the apology to send instead when the backend cannot answer."""
         where = f"{incoming.platform}/{incoming.channel}"
         try:
-            raw = await self.backend.generate(messages)
+            if grounded:
+                raw = await self.backend.generate_grounded(messages)  # type: ignore[attr-defined]
+            else:
+                raw = await self.backend.generate(messages)
         except Busy:
             log.warning("Busy: a reply in %s was refused", where)
             return BUSY_REPLY

@@ -11,14 +11,14 @@ message with a small model that runs on torch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
-from bot.recall import Recaller
+from bot.recall import FactAnswers, Recaller
 from training.persona import Persona
 
 
@@ -106,6 +106,7 @@ class RecallChoice:
     longterm_days: float = 90.0
     longterm_items: int = 500
     longterm_file: Path | None = None  # without Redis; default: the persona folder's longterm.json
+    fact_answers: FactAnswers | None = field(default_factory=FactAnswers)  # None: always generate
 
 
 def index_folder(persona: Persona, version: str | None) -> Path | None:
@@ -150,5 +151,6 @@ def build_runtime(
     memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
     gate = open_gate(persona, rules, redis)  # the persona's [serve] rules unless given
     recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
-    engine = Engine(persona, backend, memory, count, recaller=recaller)
+    fact_answers = recall.fact_answers if recaller is not None else None
+    engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=fact_answers)
     return Runtime(engine, backend, memory, gate, redis, what, recaller)

@@ -242,3 +242,98 @@ def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):
     assert broken.returncode == 2
     [line] = broken.stderr.strip().splitlines()
     assert "dataset/index" in line and "clone prepare" in line
+
+
+# -- the person's own answer for a near-certain knowledge-base question; grounded decoding ------
+
+
+def scored_list(*rows: tuple[str, float, float]):
+    from bot.recall import Scored
+    from training.prompt import Recalled
+
+    return [Scored(Recalled(f"answer {i}", asked="q"), kind, sim, score)
+            for i, (kind, sim, score) in enumerate(rows)]
+
+
+def test_fact_answer_needs_a_question_a_fact_the_threshold_and_the_margin():
+    from bot.recall import FactAnswers, fact_answer
+
+    rule = FactAnswers(min_similarity=0.7, margin=0.05)
+    close = scored_list(("fact", 0.8, 0.9), ("exchange", 0.7, 0.7))
+    assert fact_answer(close, "what's your dog called?", rule) is close[0]
+    assert fact_answer(close, "what genre do you listen to", rule) is close[0]  # a question without "?"
+    assert fact_answer(close, "I love my dog", rule) is None  # a statement does not ask for it
+    assert fact_answer(close, "what's your dog called?", None) is None  # off
+    assert fact_answer(scored_list(("fact", 0.65, 0.75)), "what?", rule) is None  # below the threshold
+    assert fact_answer(scored_list(("fact", 0.8, 0.9), ("fact", 0.78, 0.88)), "what?", rule) is None  # a tie
+    assert fact_answer(scored_list(("note", 0.9, 1.0)), "what?", rule) is None  # only a fact is an answer
+    assert fact_answer([], "what?", rule) is None
+
+
+def test_a_near_paraphrase_gets_the_persons_own_answer_and_the_console_sees_the_fact(known, model, embedder):
+    from bot.recall import FactAnswers
+
+    engine, recording = engine_for(known, model, embedder)
+    engine.fact_answers = FactAnswers()
+    shown = []
+    engine.on_prompt = lambda key, prompt, recalled: shown.append(recalled)
+    replies = asyncio.run(engine.handle(said("what's your dog called?")))
+    assert replies == ["Biscuit. He's a corgi"]
+    assert recording.prompts == []  # nothing was generated
+    assert any(r.text == "Biscuit. He's a corgi" for r in shown[0])  # what it drew on: the fact
+
+
+@pytest.mark.parametrize("rule", ["unrelated", "threshold", "margin", "off"])
+def test_no_fact_answer_when_unrelated_below_threshold_or_margin_or_off(known, model, embedder, rule):
+    from bot.recall import FactAnswers
+
+    engine, recording = engine_for(known, model, embedder)
+    engine.fact_answers = {"unrelated": FactAnswers(), "threshold": FactAnswers(min_similarity=0.99),
+                           "margin": FactAnswers(margin=0.9), "off": None}[rule]
+    text = "did you watch the game last night?" if rule == "unrelated" else "what's your dog called?"
+    asyncio.run(engine.handle(said(text)))
+    assert len(recording.prompts) == 1  # generated
+
+
+class Steered:
+    """A backend that says which way it was asked: sampling, or grounded (no sampling)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def generate(self, messages):
+        self.calls.append("sampled")
+        return "ok"
+
+    async def generate_grounded(self, messages):
+        self.calls.append("grounded")
+        return "ok"
+
+    async def close(self) -> None:
+        pass
+
+
+def test_grounded_decoding_when_a_knowledge_item_scores_high(known, model, embedder):
+    engine, _ = engine_for(known, model, embedder)
+    engine.backend = steered = Steered()
+    engine.grounded_min = 0.6
+
+    async def go() -> None:
+        await engine.handle(said("what's your dog called?", channel="g1"))
+        await engine.handle(said("did you watch the game last night?", channel="g2"))
+        engine.grounded_min = None  # off
+        await engine.handle(said("what's your dog called?", channel="g3"))
+
+    asyncio.run(go())
+    assert steered.calls == ["grounded", "sampled", "sampled"]
+
+
+def test_the_fact_answer_setting(monkeypatch):
+    from cli.settings import Settings
+
+    monkeypatch.setenv("CLONE_FACT_ANSWER_MIN", "off")
+    assert Settings(_env_file=None).clone_fact_answer_min is None
+    monkeypatch.setenv("CLONE_FACT_ANSWER_MIN", "0.8")
+    assert Settings(_env_file=None).clone_fact_answer_min == 0.8
+    monkeypatch.delenv("CLONE_FACT_ANSWER_MIN")
+    assert Settings(_env_file=None).clone_fact_answer_min == 0.7
