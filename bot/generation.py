@@ -4,19 +4,37 @@ Requests from different channels that arrive together are generated in one batch
 about 5.7x the throughput of one at a time on a CPU). The model runs in a worker thread, off
 the event loop; the queue is bounded, and a full queue answers `Busy` at once rather than
 making a user wait minutes.
+
+Serving speed (issue 13; figures in benchmarks/README.md, from benchmarks/serve_speed.py):
+`load_clone` serves the adapter merged into the base weights it loaded for serving (a new model
+object per load: the adapter folder stays the source of truth, and AdapterWatcher's swap and
+rollback load a fresh one), in bf16 where the CPU multiplies bf16 fast (AMX), fp32 elsewhere;
+and a reply stops at the person's natural length (the 95th percentile of their replies in the
+persona's dataset) rather than at a fixed cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from bot.engine import Busy, Generated
 from training.generate import generate_turns
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+NATURAL_ATTR = "natural_reply_tokens"  # set on a served model by load_clone: its reply cap
+REPLY_PERCENTILE = 0.95
+MIN_REPLY_TOKENS = 16  # a cap never below this, however terse the person
 
 
 @dataclass
@@ -27,6 +45,11 @@ class GenerationSettings:
     repetition_penalty: float = 1.1
     max_batch: int = 8
     max_queue: int = 32
+    # Stop at the model's natural reply length (see natural_reply_tokens) when it is below
+    # max_new_tokens: a batch runs until its longest row ends, so the cap is what it waits for.
+    natural_length: bool = True
+    # torch threads while generating (None: torch's own choice). See serving_threads.
+    threads: int | None = field(default_factory=lambda: serving_threads())
 
 
 @dataclass
@@ -35,19 +58,133 @@ class _Request:
     future: asyncio.Future = field(repr=False)
 
 
+def serving_threads(cores: int | None = None) -> int:
+    """Half the cores, at least one. A reply step reads every weight once: memory bandwidth, not
+    arithmetic, bounds it, and a few threads already draw what the memory gives. The other
+    cores stay free for the event loop, the recall embedder and Redis; and torch threads that
+    wait for a busy core slow a step many times over (on 2 shared cores, one thread answered
+    faster than two: benchmarks/serve_speed.py --levers 1-thread)."""
+    return max(1, (cores or os.cpu_count() or 1) // 2)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX: bf16 matmuls faster than fp32 (training.train.cpu_has_amx's test; not imported from
+    there, which would load the trainer). AVX-512 BF16 alone runs them at half the fp32 rate."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def serving_dtype(precision: str = "auto") -> torch.dtype:
+    """bf16 where it is fast (or asked for), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class PackedLinear(torch.nn.Module):
+    """A bf16 linear layer whose weight oneDNN lays out once, for its own kernels. F.linear on a
+    bf16 weight lays it out again at every call: on one token (each step of a reply) that makes
+    bf16 no faster than fp32, while the packed weight runs about 2x fp32 there, and 6-7x on 8 rows
+    (measured on this AMX CPU; benchmarks/serve_speed.py). The ops are the ones torch.compile's
+    CPU weight packing uses."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = linear.bias
+        if keep_weight:  # a weight tied to the embeddings costs nothing to keep, and is looked up
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+
+@functools.cache
+def packing_works() -> bool:
+    """Whether this torch can pack bf16 linears here, checked on a small one against F.linear."""
+    try:
+        linear = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            return torch.allclose(PackedLinear(linear)(x).float(), linear(x).float(), atol=0.05)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_linears(model) -> int:
+    """Every linear layer of a bf16 model packed (PackedLinear), where that works; how many."""
+    if not (torch.backends.mkldnn.is_available() and packing_works()):
+        return 0
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(embeddings.weight)} if embeddings is not None else set()
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        packed = PackedLinear(linear, keep_weight=id(linear.weight) in tied)
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+    return len(targets)
+
+
+def prepare_for_serving(model, precision: str = "auto", merge: bool = True):
+    """The model as served: a peft adapter merged into the weights (no LoRA matmuls per layer),
+    cast to `serving_dtype(precision)`, its linear layers packed when in bf16 (PackedLinear). It
+    merges in place: pass a model loaded for serving (load_clone's), never one that is also used
+    with its adapter apart."""
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = model.to(serving_dtype(precision)).eval()
+    if model.dtype == torch.bfloat16 and not hasattr(model, "peft_config"):
+        pack_linears(model)
+    return model
+
+
+def natural_reply_tokens(dataset: Path | None, tokenizer, percentile: float = REPLY_PERCENTILE) -> int | None:
+    """The person's natural reply length in tokens (end of turn included): the `percentile` of
+    their replies in `dataset`/train.jsonl, at least MIN_REPLY_TOKENS; None without one."""
+    train = dataset / "train.jsonl" if dataset is not None else None
+    if train is None or not train.is_file():
+        return None
+    replies = []
+    with train.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                replies += [m["content"] for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+    if not replies:
+        return None
+    counts = sorted(len(ids) + 1 for ids in tokenizer(replies, add_special_tokens=False)["input_ids"])
+    return max(MIN_REPLY_TOKENS, counts[max(0, math.ceil(percentile * len(counts)) - 1)])
+
+
 def load_clone(adapters_root: Path, version: str | None = None, base: str | None = None,
-               persona_id: str | None = None):
-    """(model, tokenizer, description): the active adapter, else the base model with a warning.
-    Given `persona_id`, an adapter trained for another persona is refused (AdapterError)."""
+               persona_id: str | None = None, *, precision: str = "auto", merge: bool = True,
+               dataset: Path | None = None):
+    """(model, tokenizer, description): the active adapter, else the base model with a warning,
+    prepared for serving (prepare_for_serving) and with the reply cap of the persona's dataset
+    (`dataset`, by default the `dataset` folder beside `adapters_root`). Given `persona_id`, an
+    adapter trained for another persona is refused (AdapterError)."""
     from training import adapters
     from training.base_model import load_model, load_tokenizer, resolve_base
 
     if version or adapters.active_version(adapters_root):
         model, tokenizer, manifest = adapters.load(adapters_root, version, persona_id, base)
-        return model, tokenizer, f"adapter {manifest['version']}"
-    log.warning("No adapter in %s: answering with the base model, which imitates no one", adapters_root)
-    resolved = resolve_base(base)
-    return load_model(resolved), load_tokenizer(resolved), f"base model {resolved.id}"
+        what = f"adapter {manifest['version']}"
+    else:
+        log.warning("No adapter in %s: answering with the base model, which imitates no one", adapters_root)
+        resolved = resolve_base(base)
+        model, tokenizer, what = load_model(resolved), load_tokenizer(resolved), f"base model {resolved.id}"
+    merged = merge and hasattr(model, "merge_and_unload")
+    model = prepare_for_serving(model, precision, merge)
+    cap = natural_reply_tokens(dataset or adapters_root.parent / "dataset", tokenizer)
+    setattr(model, NATURAL_ATTR, cap)
+    log.info("serving %s (%s%s), reply cap %s", what, "merged, " if merged else "",
+             str(model.dtype).removeprefix("torch."), f"{cap} tokens" if cap else "fixed")
+    return model, tokenizer, what
 
 
 class LocalBackend:
@@ -96,10 +233,17 @@ class LocalBackend:
         """One batch through the model; message text can never become a template token."""
         s = self.settings
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
+        if s.threads and torch.get_num_threads() != s.threads:
+            torch.set_num_threads(s.threads)  # process-wide: the recall embedder follows it too
         turns = generate_turns(
-            model, tokenizer, conversations, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+            model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
             top_p=s.top_p, repetition_penalty=s.repetition_penalty)
         return [Generated(text, truncated) for text, truncated in turns]
+
+    def reply_cap(self, model) -> int:
+        """max_new_tokens, or the model's natural reply length (load_clone's) when lower."""
+        natural = getattr(model, NATURAL_ATTR, None) if self.settings.natural_length else None
+        return min(self.settings.max_new_tokens, natural or self.settings.max_new_tokens)
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -110,14 +254,16 @@ class AdapterWatcher:
     """Keeps a serving LocalBackend on the active adapter: when `clone retrain` or `clone adapters
     use` moves `adapters/active`, the new adapter is loaded beside the old one (off the event
     loop) and swapped in between batches, so the bot follows without a restart or a lost message.
+    Each load is a new model (merged and cast by load_clone): a rollback loads the old adapter's
+    folder again, never an object that was merged or cast before.
     An adapter that fails to load is logged once and the current one keeps serving."""
 
     def __init__(self, backend: LocalBackend, adapters_root: Path, base: str | None = None,
-                 interval_s: float = 10.0, persona_id: str | None = None) -> None:
+                 interval_s: float = 10.0, persona_id: str | None = None, precision: str = "auto") -> None:
         from training import adapters
 
         self.backend, self.root, self.base, self.interval_s = backend, adapters_root, base, interval_s
-        self.persona_id = persona_id
+        self.persona_id, self.precision = persona_id, precision
         self.version = adapters.active_version(adapters_root)  # what the backend was loaded with
         self._refused: str | None = None
 
@@ -130,7 +276,7 @@ class AdapterWatcher:
             return False
         try:
             model, tokenizer, _ = await asyncio.to_thread(
-                load_clone, self.root, active, self.base, self.persona_id)
+                load_clone, self.root, active, self.base, self.persona_id, precision=self.precision)
         except Exception as e:  # a broken or foreign adapter must not take the bot down
             self._refused = active
             log.warning("adapter %s could not be loaded (%s: %s); still serving %s",

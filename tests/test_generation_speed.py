@@ -1,0 +1,196 @@
+"""What the faster serving path (issue 13) must keep: the same replies, the adapter swap and
+rollback, and a reply cap taken from the person's own replies. Behaviour only: the speed is
+measured by benchmarks/serve_speed.py."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.generation import (
+    MIN_REPLY_TOKENS,
+    NATURAL_ATTR,
+    AdapterWatcher,
+    GenerationSettings,
+    LocalBackend,
+    cpu_has_fast_bf16,
+    load_clone,
+    natural_reply_tokens,
+    prepare_for_serving,
+    serving_dtype,
+)
+from training import adapters
+from training.base_model import folder_sha256, load_model, resolve_base
+from training.generate import generate_turns
+from training.prompt import CONTRACT_VERSION
+
+HELLO = [[{"role": "system", "content": "You are Sam."}, {"role": "user", "content": "hello there"}],
+         [{"role": "user", "content": "what do you think about pizza?"}]]
+
+
+def noisy_lora(tiny_base: Path, seed: int):
+    """The tiny base with a LoRA whose B weights are noise: it changes the outputs, as a trained
+    adapter does (a fresh one, B = 0, would merge into the base unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(resolve_base(str(tiny_base)))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def save_adapter(root: Path, version: str, tiny_base: Path, tokenizer, seed: int) -> Path:
+    """An adapter registry entry as `clone train` leaves it: weights, tokenizer, manifest last."""
+    folder = root / version
+    noisy_lora(tiny_base, seed).save_pretrained(folder, save_embedding_layers=False)
+    tokenizer.save_pretrained(folder)
+    manifest = {"version": version, "persona": {"id": "sam"}, "prompt_contract": CONTRACT_VERSION,
+                "base_model": {"id": tiny_base.name, "sha256": folder_sha256(tiny_base), "source": "folder"},
+                "dataset": {"train_samples": 0}}
+    (folder / adapters.MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def hashes(*folders: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in f.iterdir()}
+
+
+def greedy(model, tokenizer) -> list[str]:
+    return [text for text, _ in generate_turns(model, tokenizer, HELLO, max_new_tokens=12, temperature=0)]
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_the_merged_copy_answers_as_the_attached_adapter(tiny_base, tokenizer):
+    attached = noisy_lora(tiny_base, seed=1)
+    merged = prepare_for_serving(copy.deepcopy(attached), precision="fp32")
+    base = load_model(resolve_base(str(tiny_base)))
+    assert not hasattr(merged, "peft_config") and merged.dtype == torch.float32
+    assert not torch.allclose(logits(attached, tokenizer), logits(base, tokenizer), atol=1e-2)  # it matters
+    assert torch.allclose(logits(merged, tokenizer), logits(attached, tokenizer), atol=1e-4)
+    assert greedy(merged, tokenizer) == greedy(attached, tokenizer)
+    assert hasattr(attached, "peft_config")  # the attached model was copied, not merged
+
+
+def test_swap_and_rollback_serve_the_new_merged_adapter(tiny_base, tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    first = save_adapter(root, "v1", tiny_base, tokenizer, seed=1)
+    second = save_adapter(root, "v2", tiny_base, tokenizer, seed=2)
+    files = hashes(first, second)
+    adapters.activate(root, "v1")
+    model, _, what = load_clone(root, base=str(tiny_base), precision="fp32")
+    assert what == "adapter v1" and not hasattr(model, "peft_config")
+    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=4))
+    watcher = AdapterWatcher(backend, root, base=str(tiny_base), precision="fp32")
+    expected = {v: logits(load_clone(root, v, base=str(tiny_base), precision="fp32")[0], tokenizer)
+                for v in ("v1", "v2")}
+
+    async def scenario():
+        try:
+            adapters.activate(root, "v2")
+            assert await watcher.check() and watcher.version == "v2" and backend.model is not model
+            assert isinstance((await backend.generate(HELLO[0])).text, str)
+            assert torch.allclose(logits(backend.model, tokenizer), expected["v2"], atol=1e-3)
+            adapters.activate(root, "v1")  # a rollback
+            assert await watcher.check() and watcher.version == "v1"
+            assert torch.allclose(logits(backend.model, tokenizer), expected["v1"], atol=1e-3)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+    assert not torch.allclose(expected["v1"], expected["v2"], atol=1e-2)
+    # Merging never touched the adapter folders: they stay the source of truth.
+    assert files == hashes(first, second)
+
+
+def test_the_reply_cap_comes_from_the_persons_replies(tiny_base, tiny_dataset, tokenizer, tmp_path):
+    replies = [m["content"] for line in (tiny_dataset / "train.jsonl").read_text().splitlines()
+               for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+    lengths = sorted(len(tokenizer(r, add_special_tokens=False).input_ids) + 1 for r in replies)
+    expected = max(MIN_REPLY_TOKENS, lengths[int(0.95 * len(lengths) + 0.999) - 1])
+    assert natural_reply_tokens(tiny_dataset, tokenizer) == expected
+    assert natural_reply_tokens(tmp_path / "nowhere", tokenizer) is None
+
+    persona = tmp_path / "sam"  # the dataset beside the adapters, as in a persona folder
+    save_adapter(persona / "adapters", "v1", tiny_base, tokenizer, seed=1)
+    shutil.copytree(tiny_dataset, persona / "dataset")
+    model, _, _ = load_clone(persona / "adapters", "v1", base=str(tiny_base), precision="fp32")
+    assert getattr(model, NATURAL_ATTR) == expected
+    bare, _, _ = load_clone(persona / "adapters", "v1", base=str(tiny_base), precision="fp32",
+                            dataset=tmp_path / "nowhere")
+    assert getattr(bare, NATURAL_ATTR) is None
+
+    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=expected + 10))
+    assert backend.reply_cap(model) == expected
+    assert LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=3)).reply_cap(model) == 3
+    assert backend.reply_cap(bare) == expected + 10
+    fixed = LocalBackend(model, tokenizer,
+                         GenerationSettings(max_new_tokens=expected + 10, natural_length=False))
+    assert fixed.reply_cap(model) == expected + 10
+
+
+def test_a_batch_is_generated_with_the_natural_cap(tiny_base, tokenizer, monkeypatch):
+    import bot.generation
+
+    caps: list[int] = []
+
+    def spy(model, tokenizer, conversations, **kw):
+        caps.append(kw["max_new_tokens"])
+        return [("hi", False)] * len(conversations)
+
+    monkeypatch.setattr(bot.generation, "generate_turns", spy)
+    model = load_model(resolve_base(str(tiny_base)))
+    setattr(model, NATURAL_ATTR, 20)
+    LocalBackend(model, tokenizer).generate_batch(HELLO)
+    assert caps == [20]
+
+
+def test_bf16_where_the_cpu_runs_it_fast_and_fp32_elsewhere(tiny_base, tokenizer, tmp_path, monkeypatch):
+    import bot.generation
+
+    assert serving_dtype("fp32") == torch.float32 and serving_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        serving_dtype("fp8")
+    assert serving_dtype() == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    monkeypatch.setattr(bot.generation, "cpu_has_fast_bf16", lambda: False)
+    assert serving_dtype() == torch.float32
+    monkeypatch.setattr(bot.generation, "cpu_has_fast_bf16", lambda: True)
+    save_adapter(tmp_path / "adapters", "v1", tiny_base, tokenizer, seed=1)
+    model, _, _ = load_clone(tmp_path / "adapters", "v1", base=str(tiny_base))
+    assert model.dtype == torch.bfloat16
+    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=6))
+    generated = backend.generate_batch(HELLO)
+    assert len(generated) == 2 and all(isinstance(g.text, str) and g.text for g in generated)
+
+
+def test_replies_are_generated_on_half_the_cores(tiny_base, tokenizer):
+    from bot.generation import serving_threads
+
+    assert (serving_threads(1), serving_threads(2), serving_threads(16)) == (1, 1, 8)
+    assert GenerationSettings().threads == serving_threads()
+    model = load_model(resolve_base(str(tiny_base)))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, None):
+            torch.set_num_threads(2)
+            settings = GenerationSettings(max_new_tokens=2, threads=threads)
+            LocalBackend(model, tokenizer, settings).generate_batch(HELLO)
+            assert torch.get_num_threads() == (threads or 2)  # None: torch's own choice, untouched
+    finally:
+        torch.set_num_threads(before)
