@@ -4,6 +4,14 @@ its users? Issue 12's measures, in one run, with their baselines beside them.
     python benchmarks/knowledge.py                  # a copy of the sample, clone start's 4 minutes
     python benchmarks/knowledge.py --minutes 8
     python benchmarks/knowledge.py --persona DIR    # an existing prepared persona with an adapter
+    python benchmarks/knowledge.py --persona DIR --skip perplexity,longterm --variants alone,answers
+
+Issue 12's levers, each beside the model alone: `grounded` (no sampling when the best recalled
+item is a knowledge item at least --grounded-min similar), `answers` (the person's own answer
+when the message asks a knowledge-base question at --fact-answer-min or more), `both`. The
+fact-answer threshold is calibrated on ordinary messages, never on the evaluation questions:
+`calibration` counts how often each threshold fires on the incoming messages of the persona's
+own training and validation conversations (each searched without its own conversation's items).
 
 1. prepare a copy of the sample persona (index build time and size), train for `--minutes`
    (the budget `clone start` uses), unless --persona names one already trained;
@@ -32,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
 from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
+from bot.recall import FactAnswers, fact_answer, scored  # noqa: E402
 from training.persona import SAMPLE, Persona  # noqa: E402
 
 FACTS = [Fact(tell, ask, tuple(expect.split("|"))) for tell, ask, expect in (
@@ -114,22 +123,108 @@ class Seeing:
         await self.inner.close()
 
 
-def knowledge(persona: Persona, model, tokenizer, index: Path, embedder) -> dict:
-    """The knowledge quiz three ways: adapter with recall, without, base model with."""
+class GreedyToo:
+    """The serving backend, and beside it the same model without sampling for grounded replies
+    (the engine's `Grounded` protocol)."""
+
+    def __init__(self, sampling, greedy) -> None:
+        self.sampling, self.greedy = sampling, greedy
+
+    async def generate(self, messages):
+        return await self.sampling.generate(messages)
+
+    async def generate_grounded(self, messages):
+        return await self.greedy.generate(messages)
+
+    async def close(self) -> None:
+        await self.sampling.close()
+        await self.greedy.close()
+
+
+# name: (adapter, recall, grounded decoding, fact answers)
+VARIANTS = {
+    "alone": ("adapter, recall", True, True, False, False),
+    "grounded": ("adapter, recall, grounded decoding", True, True, True, False),
+    "answers": ("adapter, recall, fact answers", True, True, False, True),
+    "both": ("adapter, recall, fact answers + grounded decoding", True, True, True, True),
+    "no-recall": ("adapter, no recall", True, False, False, False),
+    "base": ("base model, recall", False, True, False, False),
+    "base-both": ("base model, recall, fact answers + grounded decoding", False, True, True, True),
+}
+
+
+def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, args, grounded: bool,
+                   answers: bool):
+    from bot.generation import GenerationSettings, LocalBackend
+
+    engine = quiz_engine(persona, model, tokenizer, index, embedder,
+                         settings=GenerationSettings(temperature=args.temperature))
+    if grounded:
+        greedy = LocalBackend(model, tokenizer, GenerationSettings(temperature=0.0))
+        engine.backend, engine.grounded_min = GreedyToo(engine.backend, greedy), args.grounded_min
+    engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
+    return engine
+
+
+def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -> dict:
+    """The knowledge quiz of each variant asked for (serving's sampling, one seed)."""
     import contextlib
 
     import torch
 
     questions = read_questions(persona.root / "eval_questions.csv")
     out = {}
-    for name, adapter, recall in (("adapter, recall", True, True), ("adapter, no recall", True, False),
-                                  ("base model, recall", False, True)):
+    for key in args.variants.split(","):
+        name, adapter, recall, grounded, answers = VARIANTS[key]
         with contextlib.nullcontext() if adapter else model.disable_adapter():
-            engine = quiz_engine(persona, model, tokenizer, index, embedder if recall else None)
+            engine = variant_engine(persona, model, tokenizer, index, embedder if recall else None, args,
+                                    grounded, answers)
             torch.manual_seed(0)
             result = asyncio.run(knowledge_quiz(engine, questions))
         out[name] = {k: result[k] for k in ("asked", "right", "accuracy")}
+        out[name]["wrong"] = [a["question"] for a in result["answers"] if not a["right"]]
+        print(json.dumps({name: out[name]}), flush=True)
     return out
+
+
+def incoming_messages(persona: Persona) -> dict[str, str | None]:
+    """Each line other people sent in the persona's chats (training and validation, knowledge-base
+    rows left out), with the conversation its training sample came from."""
+    from training.encode import load_jsonl
+
+    out: dict[str, str | None] = {}
+    for split in ("train", "val"):
+        for sample in load_jsonl(persona.dataset / f"{split}.jsonl"):
+            if sample.get("knowledge"):
+                continue
+            for m in sample["messages"][1:]:
+                for line in m["content"].split("\n") if m["role"] == "user" else ():
+                    out.setdefault(line.strip(), sample.get("conversation")) if line.strip() else None
+    return out
+
+
+def calibration(persona: Persona, index_folder: Path, embedder, args) -> dict:
+    """How often fact answers fire on ordinary incoming messages, per threshold (each message
+    searched without its own conversation's exchanges, as a new message would be); the messages
+    that fire at the chosen threshold are listed, to be read."""
+    from training.index import MIN_SCORE, RECALL_ITEMS, PersonaIndex
+
+    index = PersonaIndex.load(index_folder, embedder.name)
+    messages = incoming_messages(persona)
+    vectors = embedder.embed(list(messages))
+    found = [scored(index.search(v, RECALL_ITEMS, MIN_SCORE, source))
+             for v, source in zip(vectors, messages.values(), strict=True)]
+    rates, fired = {}, []
+    for least in (0.6, 0.65, 0.7, 0.75, 0.8, 0.85):
+        rule = FactAnswers(least, args.fact_answer_margin)
+        answered = (fact_answer(f, t, rule) for t, f in zip(messages, found, strict=True))
+        hits = [(t, f) for t, f in zip(messages, answered, strict=True) if f is not None]
+        rates[str(least)] = {"fired": len(hits), "rate": round(len(hits) / len(messages), 4)}
+        if least == args.fact_answer_min:
+            fired = [{"message": t, "similarity": round(f.similarity, 3), "asked": f.item.asked}
+                     for t, f in hits]
+    return {"messages": len(messages), "margin": args.fact_answer_margin, "by_threshold": rates,
+            "fired_at_chosen": fired}
 
 
 def perplexity(persona: Persona, model, tokenizer) -> dict:
@@ -144,11 +239,17 @@ def perplexity(persona: Persona, model, tokenizer) -> dict:
             "context_gain": context_gain(model, tokenizer, val)}
 
 
-def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int) -> dict:
+def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int,
+                args) -> dict:
     import dataclasses
     import uuid
 
     engine = quiz_engine(persona, model, tokenizer, index, embedder, longterm)
+    if args.longterm_variant != "alone":
+        *_, grounded, answers = VARIANTS[args.longterm_variant]
+        served = variant_engine(persona, model, tokenizer, index, embedder, args, grounded, answers)
+        engine.backend, engine.grounded_min = served.backend, served.grounded_min
+        engine.fact_answers = served.fact_answers
     engine.persona = dataclasses.replace(persona, id=f"bench-{uuid.uuid4().hex[:8]}")  # keys of its own
     engine.recaller.persona_id = engine.persona.id
     engine.backend = seeing = Seeing(engine.backend)
@@ -167,12 +268,13 @@ def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longt
     return {**result, "in_prompt": shown}
 
 
-def longterm(persona: Persona, model, tokenizer, index: Path, embedder) -> dict:
+def longterm(persona: Persona, model, tokenizer, index: Path, embedder, args) -> dict:
     stores = {"embedded": lambda: EmbeddedLongTerm(None)}
     if redis_answers():
         stores["redis"] = lambda: RedisLongTerm("redis://127.0.0.1:6379/0")
     clears = (("/reset", 0), ("100 messages", 100))
-    return {f"{store}, after {clear}": recall_once(persona, model, tokenizer, index, embedder, make(), n)
+    return {f"{store}, after {clear}": recall_once(persona, model, tokenizer, index, embedder, make(), n,
+                                                   args)
             for store, make in stores.items() for clear, n in clears}
 
 
@@ -184,6 +286,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (clone start's: 4)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", type=Path, help="train the copy in this existing folder and keep it")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: calibration, knowledge, perplexity, longterm")
+    parser.add_argument("--variants", default="alone,grounded,answers,both,no-recall,base",
+                        help=f"knowledge quiz variants, comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--temperature", type=float, default=0.8, help="serving's sampling temperature")
+    parser.add_argument("--grounded-min", type=float, default=0.6,
+                        help="grounded decoding: the best knowledge item's similarity at least this")
+    parser.add_argument("--fact-answer-min", type=float, default=FactAnswers.min_similarity)
+    parser.add_argument("--fact-answer-margin", type=float, default=FactAnswers.margin)
+    parser.add_argument("--longterm-variant", default="alone", choices=list(VARIANTS),
+                        help="the serving variant the long-term recall quiz runs with")
     args = parser.parse_args()
     from bot.runtime import index_folder
     from training import adapters
@@ -194,12 +307,20 @@ def main() -> None:
             persona, build = Persona.load(args.persona), {}
         else:
             persona, build = trained_copy(args.minutes, args.keep or Path(work))
-        model, tokenizer, manifest = adapters.load(persona.adapters)
+        skip = set(args.skip.split(","))
+        model = tokenizer = None
+        figures = dict(build)
+        if not {"knowledge", "perplexity", "longterm"} <= skip:  # calibration alone needs no model
+            model, tokenizer, manifest = adapters.load(persona.adapters)
+            figures.update(adapter=manifest["version"], steps=manifest["metrics"]["steps"])
         index, embedder = index_folder(persona, None), Embedder()
-        figures = {"adapter": manifest["version"], "steps": manifest["metrics"]["steps"], **build}
-        for name, measure in (("knowledge", lambda: knowledge(persona, model, tokenizer, index, embedder)),
+        parts = (persona, model, tokenizer, index, embedder)
+        for name, measure in (("calibration", lambda: calibration(persona, index, embedder, args)),
+                              ("knowledge", lambda: knowledge(*parts, args)),
                               ("perplexity", lambda: perplexity(persona, model, tokenizer)),
-                              ("longterm", lambda: longterm(persona, model, tokenizer, index, embedder))):
+                              ("longterm", lambda: longterm(*parts, args))):
+            if name in skip:
+                continue
             figures[name] = measure()
             print(json.dumps({name: figures[name]}, indent=2), flush=True)  # each as soon as it is known
     if args.json:
