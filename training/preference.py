@@ -12,14 +12,16 @@ owner corrected. Read top to bottom:
                 (not the bare base model) and no second model is loaded
   3. clean-up   the "ref" copy removed, so the saved adapter is the trained one alone
 
-CPU-friendly: no gradient checkpointing (TRL's default), the precision `clone train` picked, TRL's
-fused LM head computing log-probabilities only on the answers, no checkpoints.
+CPU-friendly: no gradient checkpointing (TRL's default), the precision `clone train` picked, the
+LM head run only on the answers' positions (see `labelled_positions_only`), no checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -131,6 +133,26 @@ class Deadline(TrainerCallback):
             control.should_training_stop = True
 
 
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """TRL's fused LM head scores only the labelled positions (the answers) where Triton runs, and
+    every position elsewhere, because a varying count would recompile on Neuron. On a CPU that is
+    the full vocabulary over the whole prompt, forward and backward: a tiny model's DPO step took
+    28 s, nearly all of it there. Its compact path is exact on any device (the same log-probabilities,
+    as training.encode.token_nll computes them), so it is taken on a CPU too, while the stage runs."""
+    from trl.trainer import utils
+
+    triton = getattr(utils, "_use_triton", None)
+    if triton is None:  # another TRL: its own choice stands
+        yield
+        return
+    utils._use_triton = lambda device: device.type == "cpu" or triton(device)
+    try:
+        yield
+    finally:
+        utils._use_triton = triton
+
+
 def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work, precision: str,
                       deadline: float | None = None) -> dict:
     """DPO on `rows` (encode_pairs), training the PeftModel's adapter in place; its metrics."""
@@ -144,7 +166,8 @@ def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work
     if deadline is not None:
         trainer.add_callback(Deadline(deadline))
     try:
-        output = trainer.train()
+        with labelled_positions_only():
+            output = trainer.train()
     finally:
         drop_reference(model)
     return stage_metrics(trainer, output, len(rows), time.monotonic() - started)
