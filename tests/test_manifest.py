@@ -85,7 +85,8 @@ def test_the_manifest_schema(trained, tiny_base, tiny_dataset):
     card = json.loads((tiny_dataset / "card.json").read_text())
     assert manifest["dataset"] == {"fingerprint": card["fingerprint"], "persona": card["persona"],
                                    "train_samples": card["samples"]["train"],
-                                   "val_samples": card["samples"]["val"]}
+                                   "val_samples": card["samples"]["val"],
+                                   "corrections": card.get("corrections")}
     hyper = manifest["hyperparameters"]
     kept = {f.name for f in fields(TrainConfig)} - {"data", "out", "persona_id", "persona_name"}
     assert set(hyper) == kept | {"precision"}
