@@ -140,7 +140,8 @@ def print_prepared(outcome: Outcome) -> None:
               f"{c['pairs']} preference pairs{skipped})")
     redacted = ", ".join(f"{k}: {v:,}" for k, v in card.redactions.items()) or "nothing found"
     print(f"Redacted: {redacted}")
-    print(f"Wrote {shown(outcome.out)}/train.jsonl, val.jsonl, card.json "
+    pairs = ", preferences.jsonl" if outcome.prepared.pairs else ""
+    print(f"Wrote {shown(outcome.out)}/train.jsonl, val.jsonl{pairs}, card.json "
           f"(fingerprint {card.fingerprint[:19]}…)")
 
 
