@@ -5,8 +5,10 @@ cloned talks to their clone, corrects it, teaches it and manages its adapters.
                 "console", channel "owner"): chat (with what each reply drew on, from the engine's
                 on_prompt hook), corrections (training.corrections), adapters (activate = roll back
                 or forward, and the answering model follows), knowledge notes (re-indexed without
-                retraining), `clone retrain` in its own process (bot.console_retrain)
-    API         JSON under /api/, for scripts (Authorization: Bearer)
+                retraining), `clone retrain` in its own process (bot.console_retrain), the
+                `clone eval` reports across versions (bot.console_evals)
+    API         JSON under /api/, for scripts (Authorization: Bearer); the retrain's progress also
+                as server-sent events, which the page follows
     page        server-rendered HTML with a vendored htmx (bot.console_ui): nothing from a CDN
     auth        bot.console_auth: the token, login sessions, CSRF
 
@@ -16,6 +18,7 @@ Message text, corrections and notes are never logged: this module logs nothing a
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import OrderedDict
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bot import console_evals
 from bot.console_auth import COOKIE, Auth, security_headers
 from bot.console_retrain import RetrainRun
 from bot.engine import BUSY_REPLY, UNAVAILABLE_REPLY, Incoming
@@ -37,6 +41,8 @@ from training.prompt import Recalled
 PLATFORM, CHANNEL, OWNER = "console", "owner", "owner"
 MAX_REPLIES = 500  # replies kept for correcting, while the console runs
 MAX_BODY = 1 << 20
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies and the browser from timing out
+EVENTS_EVERY_S = 0.25  # a tqdm bar redraws ~10 times a second: send at most 4 statuses a second
 STATIC = Path(__file__).parent / "console_static"
 
 
@@ -190,6 +196,20 @@ class Console:
             await asyncio.sleep(self.options.follow_every_s)
             await self.follow()
 
+    # -- evaluation reports ----------------------------------------------------------------------
+
+    def evals(self) -> list[dict]:
+        """Every adapter, newest first, with its `clone eval` figures (bot.console_evals)."""
+        assert self.persona.adapters is not None
+        return console_evals.history(self.persona.adapters)
+
+    def plot(self, version: str, name: str) -> Path:
+        assert self.persona.adapters is not None
+        path = console_evals.plot_file(self.persona.adapters, version, name)
+        if path is None:
+            raise ConsoleError(404, "no such plot")
+        return path
+
     # -- retrain ---------------------------------------------------------------------------------
 
     async def start_retrain(self) -> dict:
@@ -251,6 +271,7 @@ def write_note(path: Path, text: str) -> None:
 # -- the JSON API ---------------------------------------------------------------------------------
 
 CONSOLE = web.AppKey("console", Console)
+CLOSING = web.AppKey("closing", asyncio.Event)  # set when the server shuts down: streams end
 
 
 async def json_body(request: web.Request) -> dict:
@@ -318,6 +339,40 @@ async def api_retrain(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONSOLE].retrain.status())
 
 
+async def api_retrain_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the retrain status (as GET /api/retrain) each time it changes, a
+    comment every HEARTBEAT_S; the stream ends once no run is going (its final status sent) or
+    when the server shuts down."""
+    run, closing = request.app[CONSOLE].retrain, request.app[CLOSING]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    sent: dict | None = None
+    try:
+        while not closing.is_set():
+            seen, status = run.revision, run.status()
+            if status != sent:
+                await response.write(f"data: {json.dumps(status)}\n\n".encode())
+                sent = status
+            if status["state"] != "running":
+                break
+            await asyncio.sleep(EVENTS_EVERY_S)  # changes meanwhile are sent together, once
+            if not await run.changed(seen, HEARTBEAT_S):
+                await response.write(b": heartbeat\n\n")
+        await response.write_eof()
+    except ConnectionResetError:  # the page went away: nothing more to send
+        pass
+    return response
+
+
+async def api_evals(request: web.Request) -> web.Response:
+    return web.json_response([r for r in request.app[CONSOLE].evals() if r["evaluated"]])
+
+
+async def api_eval_plot(request: web.Request) -> web.FileResponse:
+    path = request.app[CONSOLE].plot(request.match_info["version"], request.match_info["name"])
+    return web.FileResponse(path, headers={"Content-Type": "image/png"})
+
+
 async def api_notes(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONSOLE].notes())
 
@@ -340,6 +395,9 @@ API_ROUTES = [
     web.post("/api/adapters/{version}/activate", api_activate),
     web.post("/api/retrain", api_start_retrain),
     web.get("/api/retrain", api_retrain),
+    web.get("/api/retrain/events", api_retrain_events),
+    web.get("/api/evals", api_evals),
+    web.get("/api/evals/{version}/plots/{name}", api_eval_plot),
     web.get("/api/notes", api_notes),
     web.post("/api/notes", api_save_note),
 ]
@@ -364,6 +422,7 @@ def build_app(console: Console) -> web.Application:
     auth = Auth(console.options.token, console_ui.login_page, f"{COOKIE}_{console.persona.id}")
     app = web.Application(middlewares=[auth.middleware, refusals], client_max_size=MAX_BODY)
     app[CONSOLE] = console
+    app[CLOSING] = asyncio.Event()
     app.on_response_prepare.append(security_headers)
     app.router.add_routes(auth.routes() + API_ROUTES + console_ui.ROUTES)
     app.router.add_static("/static/", STATIC)
@@ -374,7 +433,14 @@ def build_app(console: Console) -> web.Application:
         task.cancel()
         await console.retrain.stop()
 
+    async def end_streams(app: web.Application) -> None:
+        # Before the server waits for open requests (up to a minute): an event stream would
+        # otherwise hold the shutdown until its retrain ends.
+        app[CLOSING].set()
+        console.retrain.wake()
+
     app.cleanup_ctx.append(background)
+    app.on_shutdown.append(end_streams)
     return app
 
 

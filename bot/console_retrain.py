@@ -4,7 +4,9 @@ from what it prints.
 
 The Trainer's progress bar (tqdm) rewrites one line with carriage returns: "12/30 [00:03<00:05,
 ...]". The latest such line is the run's progress; other lines (what was imported, the verdict)
-are kept, the last few, for the page. Nothing is logged: the output names the persona's chats.
+are kept, the last few, for the page. Every change of the status bumps `revision` and wakes
+whoever waits in `changed` (the console's server-sent events). Nothing is logged: the output names
+the persona's chats.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ class RetrainRun:
         self.ended: float | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
+        self.revision = 0  # bumped on every change of status()
+        self._changes = asyncio.Event()  # set, then replaced, on every bump
+
+    def _bump(self) -> None:
+        self.revision += 1
+        self._changes.set()
+        self._changes = asyncio.Event()
+
+    def wake(self) -> None:
+        """Wake every waiter in `changed` (the server is closing: streams should end)."""
+        self._bump()
+
+    async def changed(self, seen: int, timeout: float) -> bool:
+        """Wait until the revision is past `seen`; False if `timeout` seconds passed first."""
+        if self.revision == seen:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changes.wait(), timeout)
+        return self.revision != seen
 
     @property
     def running(self) -> bool:
@@ -52,6 +72,7 @@ class RetrainRun:
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env)
         self._task = asyncio.create_task(self._follow(self._proc))
+        self._bump()
         return True
 
     async def _follow(self, proc: asyncio.subprocess.Process) -> None:
@@ -66,6 +87,7 @@ class RetrainRun:
         self._take(pending + decoder.decode(b"", final=True))
         self.exit_code = await proc.wait()
         self.ended = time.time()
+        self._bump()
 
     def _take(self, line: str) -> None:
         line = line.rstrip()
@@ -75,6 +97,7 @@ class RetrainRun:
             self.bar = line.strip()
         else:
             self.lines.append(line)
+        self._bump()
 
     def state(self) -> str:
         if self.running:

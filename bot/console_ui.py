@@ -13,8 +13,10 @@ from pathlib import Path
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from bot import console_evals
 from bot.console import CONSOLE, Console, ConsoleError
 from bot.console_auth import SESSION
+from training import adapters
 
 TEMPLATES = Path(__file__).parent / "console_templates"
 _env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),
@@ -47,6 +49,14 @@ def notice(message: str, status: int) -> web.Response:
     return response
 
 
+def eval_values(console: Console) -> dict:
+    """What evals.html shows: the report of the active adapter (else the newest evaluated), every
+    version's figures, and the chart of them."""
+    rows = console.evals()
+    return {"evals": rows, "report": console_evals.shown(rows), "chart": console_evals.chart(rows),
+            "active": adapters.active_version(console.persona.adapters), "plot_titles": console_evals.PLOTS}
+
+
 def shown_corrections(found: list[dict]) -> list[dict]:
     """Each correction with the message it answered (the last of the owner's turns)."""
     return [dict(c, asked=next((m["content"] for m in reversed(c.get("context") or [])
@@ -59,7 +69,8 @@ async def page(request: web.Request) -> web.Response:
     return html("page.html", name=console.persona.name, serving=console.serving,
                 csrf=session.csrf if session is not None else "", htmx_config=HTMX_CONFIG,
                 corrections=shown_corrections(await console.list_corrections()),
-                adapters=console.adapters(), r=console.retrain.status(), notes=console.notes())
+                adapters=console.adapters(), r=console.retrain.status(), notes=console.notes(),
+                **eval_values(console))
 
 
 async def form_text(request: web.Request, name: str) -> str | None:
@@ -111,7 +122,8 @@ async def delete_correction(request: web.Request) -> web.Response:
 async def activate(request: web.Request) -> web.Response:
     console: Console = request.app[CONSOLE]
     await console.activate(request.match_info["version"])
-    return html("adapters.html", adapters=console.adapters(), serving=console.serving, oob=True)
+    return html("adapters.html", adapters=console.adapters(), serving=console.serving, oob=True,
+                **eval_values(console))
 
 
 async def retrain(request: web.Request) -> web.Response:
@@ -119,8 +131,9 @@ async def retrain(request: web.Request) -> web.Response:
     if request.method == "POST":
         await console.start_retrain()
     status = console.retrain.status()
-    return html("retrain.html", r=status, oob=status["state"] != "running", adapters=console.adapters(),
-                serving=console.serving)
+    finished = status["state"] != "running"  # the adapters, and so the reports, may have changed
+    return html("retrain.html", r=status, oob=finished, adapters=console.adapters(), serving=console.serving,
+                **(eval_values(console) if finished else {}))
 
 
 async def save_note(request: web.Request) -> web.Response:

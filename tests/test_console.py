@@ -1,14 +1,16 @@
 """The owner's console (`clone console`): the corrections store on its own, then the real server
 over a real port with the real engine on the tiny llama (two tiny adapters to switch between):
 what is refused without the token, chat, corrections stored, listed, edited and deleted, the
-page's session and CSRF rules, adapter switching, knowledge notes, retrain status and progress,
-and no message text in any log. The browser test is tests/test_console_browser.py."""
+page's session and CSRF rules, adapter switching, knowledge notes, retrain status and progress
+(polled and as server-sent events), the eval reports across versions, and no message text in any
+log. A real browser drives the page at the end of this file."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -27,18 +29,20 @@ import pytest
 from tests.platform_helpers import free_port
 from training import adapters, corrections
 from training.persona import Persona
+from training.prompt import CONTRACT_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-console-token-0123456789"
 PLANTED = "PLANTED-c0n5o1e-private-words"
 # Stands in for `clone retrain`: prints what it does and a tqdm bar as the Trainer draws it.
+# Arguments: its exit code, and the seconds each of its three steps takes.
 FAKE_RETRAIN = r"""
 import sys, time
 print("Persona Sam [sam] in persona", flush=True)
 for step in range(1, 4):
     sys.stderr.write(f"\r{step * 33}%|###   | {step}/3 [00:0{step}<00:01,  2.00it/s, loss=1.2]")
     sys.stderr.flush()
-    time.sleep(0.3)
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.3)
 sys.stderr.write("\n")
 print("Active adapter: 20990101-000000")
 sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
@@ -272,7 +276,9 @@ def test_without_the_token_nothing_of_the_persona_is_shown(console):
         assert page.status_code == 401 and 'name="token"' in page.text  # the login form
         for method, path in [("GET", "/api/corrections"), ("GET", "/api/adapters"), ("GET", "/api/retrain"),
                              ("POST", "/api/chat"), ("DELETE", "/api/corrections/x"),
-                             ("POST", "/api/retrain"), ("GET", "/api/notes"), ("POST", "/ui/chat")]:
+                             ("POST", "/api/retrain"), ("GET", "/api/notes"), ("POST", "/ui/chat"),
+                             ("GET", "/api/retrain/events"), ("GET", "/api/evals"),
+                             ("GET", f"/api/evals/{versions[0]}/plots/loss.png")]:
             for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
                             {"Authorization": f"Basic {TOKEN}"}, {"Cookie": f"clone_console_sam={TOKEN}"}):
                 r = anyone.request(method, path, headers=headers, json={"text": "hi"})
@@ -325,25 +331,39 @@ def test_a_rating_must_be_good_or_bad(api):
     assert api.post("/api/chat", json={"text": "   "}).status_code == 400
 
 
-def test_an_apology_instead_of_a_reply_cannot_be_corrected(tmp_path, count_tokens):
-    from bot.console import Console, ConsoleError, ConsoleOptions
-    from bot.engine import UNAVAILABLE_REPLY, Engine, Unavailable
+class Down:
+    """A generation backend that is unreachable: a console without a model."""
+
+    async def generate(self, messages):
+        from bot.engine import Unavailable
+
+        raise Unavailable("the generation server is unreachable")
+
+    async def close(self) -> None:
+        pass
+
+
+def console_without_model(root: Path, retrain_argv: list[str]):
+    """A Console over a Down backend: for what needs the persona folder or the retrain, not a
+    model (quick to start, so each test may have its own)."""
+    from bot.console import Console, ConsoleOptions
+    from bot.engine import Engine
     from bot.gate import Gate, Rules
     from bot.memory import EmbeddedMemory
     from bot.runtime import Runtime
 
-    class Down:
-        async def generate(self, messages):
-            raise Unavailable("the generation server is unreachable")
+    persona = Persona.load(root)
+    engine = Engine(persona, Down(), EmbeddedMemory(root / "memory.json"), lambda text: len(text) // 4 + 1)
+    return Console(Runtime(engine, Down(), engine.memory, Gate(Rules(), persona.id), None, "down"),
+                   ConsoleOptions(TOKEN, retrain_argv))
 
-        async def close(self) -> None:
-            pass
+
+def test_an_apology_instead_of_a_reply_cannot_be_corrected(tmp_path):
+    from bot.console import ConsoleError
+    from bot.engine import UNAVAILABLE_REPLY
 
     (tmp_path / "persona.toml").write_text('name = "Sam"\n')
-    persona = Persona.load(tmp_path)
-    engine = Engine(persona, Down(), EmbeddedMemory(tmp_path / "memory.json"), count_tokens)
-    console = Console(Runtime(engine, Down(), engine.memory, Gate(Rules(), persona.id), None, "down"),
-                      ConsoleOptions(TOKEN, []))
+    console = console_without_model(tmp_path, [])
 
     async def scenario():
         reply = await console.chat("hello?")
@@ -438,6 +458,255 @@ def test_a_retrain_runs_once_at_a_time_and_reports_progress(api):
     assert status["lines"][-1] == "Active adapter: 20990101-000000"
 
 
+# -- eval reports across versions (a console without a model, over fake adapter folders) --------
+
+V1, V2, V3, V4 = "20260101-090000", "20260102-090000", "20260103-090000", "20260104-090000"
+
+
+def fake_adapter(root: Path, version: str, steps: int) -> Path:
+    """An adapter folder as the registry lists it: a manifest (no weights: nothing loads them here)."""
+    folder = root / "adapters" / version
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "version": version, "created": f"{version[:4]}-{version[4:6]}-{version[6:8]}T09:00:00+00:00",
+        "persona": {"id": "sam"}, "prompt_contract": CONTRACT_VERSION, "base_model": {"id": "tiny"},
+        "dataset": {"fingerprint": "f0"},
+        "metrics": {"steps": steps, "val_perplexity": 50.0}}))
+    return folder
+
+
+def eval_result(version: str, adapter_ppl: float, knowledge: dict | None) -> dict:
+    """An eval.json as training.evaluate builds one, with the person's words in its examples."""
+    from training.report import verdict
+    from training.style import compare_style
+
+    replies = [f"haha {PLANTED} yes", "see you at 8!", "lol ok"]
+    result = {
+        "version": version,
+        "perplexity": {"base": 80.1, "prompted": 60.2, "adapter": adapter_ppl,
+                       "base_no_recall": 82.0, "adapter_no_recall": adapter_ppl + 1.5},
+        "val_replies": 42, "val_tokens": 900, "dataset": "f0",
+        "context_gain": {"adapter": 1.31, "base": 1.05},
+        "knowledge": knowledge,
+        "style": compare_style(["yes!", "ok see you"], replies),
+        "examples": [{"context": f"Bo: free tonight? {PLANTED}", "real": replies[0], "generated": "yes",
+                      "base": "As an AI"}],
+        "model": {"base_model": "tiny", "train_steps": 120, "train_samples": 80,
+                  "trained_on_dataset": "f0", "prompted_examples": 3},
+    }
+    result["verdict"] = verdict(result)
+    return result
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    """A persona with four adapters: V1 evaluated (no knowledge quiz, loss plot only), V2 never
+    evaluated, V3 evaluated with every plot and a quiz, V4 with a garbled eval.json and a plot
+    that is a link out of its folder."""
+    from training.report import write_report
+
+    root = tmp_path_factory.mktemp("evals") / "sam"
+    root.mkdir()
+    (root / "persona.toml").write_text('name = "Sam"\nid = "sam"\n')
+    losses = [{"loss": 3.0 - 0.1 * i, "step": i} for i in range(1, 9)] + [{"eval_loss": 2.5, "step": 8}]
+    first = {k: v for k, v in eval_result(V1, 40.5, None).items() if k != "style"}  # no style plots
+    write_report(first, fake_adapter(root, V1, 60) / "eval", losses)
+    fake_adapter(root, V2, 90)
+    quiz = {"asked": 4, "right": 2, "accuracy": 0.5, "questions": "questions.json",
+            "answers": [{"question": "where do you live?", "reply": f"Lisbon {PLANTED}", "right": True}]}
+    write_report(eval_result(V3, 30.3, quiz), fake_adapter(root, V3, 120) / "eval", losses)
+    garbled = fake_adapter(root, V4, 150) / "eval"
+    garbled.mkdir()
+    (garbled / "eval.json").write_text('{"version": "2026010')  # a crash in the middle of a write
+    (garbled / "loss.png").symlink_to(root / "persona.toml")
+    return root
+
+
+@pytest.fixture
+def eval_console(evaluated, tmp_path) -> Iterator:
+    console = console_without_model(copied(evaluated, tmp_path).root, [])
+    port = free_port()
+    with serving(console, port):
+        console.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        yield console
+
+
+def section(page: str, start: str, end: str) -> str:
+    """The part of the page from `start` to the next `end`."""
+    assert start in page, start
+    tail = page.split(start, 1)[1]
+    return tail.split(end, 1)[0]
+
+
+def test_the_eval_section_shows_the_active_adapters_report_with_its_plots(eval_console):
+    root = eval_console.persona.adapters
+    with httpx.Client(base_url=eval_console.url) as browser:  # V1 is not the newest evaluated
+        csrf = login(browser)
+        switched = browser.post(f"/ui/adapters/{V1}/activate", headers={"X-CSRF-Token": csrf}).text
+        page = browser.get("/").text
+    assert '<div id="evals" hx-swap-oob="true">' in switched  # the section follows at once
+    assert section(switched, 'id="eval-report"', "</p>") == section(page, 'id="eval-report"', "</p>")
+    report = section(page, 'id="eval-report"', "</div>")
+    assert f"Report of adapter <strong>{V1}</strong> (active)" in report
+    assert '<dd class="ppl-adapter">40.50</dd>' in report and '<dd class="ppl-base">80.10</dd>' in report
+    assert "1.31" in report and '<dd class="knowledge">—</dd>' in report  # no quiz: no accuracy
+    assert "perplexity 40.5 against 80.1" in report  # the report's verdict
+    assert f'src="/api/evals/{V1}/plots/loss.png"' in report and "style_rates.png" not in report
+    assert PLANTED not in page  # the report's examples are the person's words: never shown here
+
+    adapters.activate(root, V2)  # never evaluated: the newest report there is, and what to run
+    with httpx.Client(base_url=eval_console.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        report = section(api.get("/").text, 'id="eval-report"', "</div>")
+    assert f"Report of adapter <strong>{V3}</strong>" in report and "(active)" not in report
+    assert f"The active adapter {V2} is not evaluated: run <code>clone eval {V2}</code>" in report
+    assert '<dd class="knowledge">50 %</dd>' in report
+    for name in ("loss.png", "style_lengths.png", "style_rates.png"):
+        assert f'src="/api/evals/{V3}/plots/{name}"' in report
+
+
+def test_the_score_history_lists_every_version_and_charts_them(eval_console):
+    with httpx.Client(base_url=eval_console.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        page = api.get("/")
+        listed = api.get("/api/evals")
+    assert page.status_code == 200
+    table = section(page.text, '<table class="evals">', "</table>")
+    rows = [row.split('"', 1)[0] for row in table.split('data-version="')[1:]]
+    assert rows == [V3, V2, V1]  # newest first; V4's garbled report is left out
+    assert f"not evaluated — run <code>clone eval {V2}</code>" in table
+    assert "40.50" in table and "30.30" in table and "50 %" in table and "120" in table
+    svg = section(page.text, '<svg class="eval-chart"', "</svg>")
+    perplexity = section(svg, '<polyline class="series perplexity" points="', '"').split()
+    knowledge = section(svg, '<polyline class="series knowledge" points="', '"').split()
+    assert len(perplexity) == 2 and len(knowledge) == 1  # V1 had no quiz
+    (x1, y1), (x3, y3) = (map(float, point.split(",")) for point in perplexity)
+    assert x1 < x3 and y3 > y1  # oldest left; V3's lower perplexity drawn lower
+    assert "<script" not in svg and "http" not in svg.replace("http://www.w3.org", "")
+
+    assert listed.status_code == 200 and PLANTED not in listed.text
+    scores = listed.json()
+    assert [e["version"] for e in scores] == [V3, V1]
+    assert scores[0]["perplexity"] == {"adapter": 30.3, "base": 80.1, "prompted": 60.2}
+    assert scores[0]["knowledge_accuracy"] == 0.5 and scores[1]["knowledge_accuracy"] is None
+    assert scores[0]["context_gain"] == {"adapter": 1.31, "base": 1.05} and scores[0]["steps"] == 120
+    assert scores[0]["created"].startswith("2026-01-03") and scores[0]["verdict"].startswith("Your clone")
+    assert scores[1]["plots"] == ["loss.png"]
+
+
+def test_a_plot_is_served_only_from_its_report_and_only_to_the_owner(eval_console):
+    with httpx.Client(base_url=eval_console.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        png = api.get(f"/api/evals/{V3}/plots/style_rates.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+        for path in (f"/api/evals/{V1}/plots/style_rates.png",  # not drawn for V1
+                     f"/api/evals/{V1}/plots/eval.json",  # in the folder, but not a plot
+                     f"/api/evals/{V1}/plots/..%2Fmanifest.json", f"/api/evals/{V1}/plots/..%2F..%2Factive",
+                     "/api/evals/..%2F..%2Fpersona.toml/plots/loss.png", "/api/evals/active/plots/loss.png",
+                     f"/api/evals/{V4}/plots/loss.png",  # a link out of the eval folder
+                     f"/api/evals/{V2}/plots/loss.png", "/api/evals/nope/plots/loss.png"):
+            r = api.get(path)
+            assert r.status_code == 404 and "Sam" not in r.text and b"PNG" not in r.content, path
+    with httpx.Client(base_url=eval_console.url) as anyone:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}):
+            r = anyone.get(f"/api/evals/{V3}/plots/loss.png", headers=headers)
+            assert r.status_code == 401 and r.json() == {"error": "unauthorized"}
+        csrf = login(anyone)  # the page's <img> comes with the session cookie
+        assert csrf and anyone.get(f"/api/evals/{V1}/plots/loss.png").content.startswith(b"\x89PNG")
+
+
+def test_without_any_report_the_page_says_what_to_run(tmp_path):
+    (tmp_path / "persona.toml").write_text('name = "Sam"\n')
+    fake_adapter(tmp_path, V1, 10)
+    (tmp_path / "adapters" / V1 / "eval").mkdir()
+    (tmp_path / "adapters" / V1 / "eval" / "eval.json").write_text('["not", "a", "report"]')
+    console = console_without_model(tmp_path, [])
+    port = free_port()
+    with serving(console, port), httpx.Client(base_url=f"http://127.0.0.1:{port}",
+                                               headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        page = api.get("/")
+        listed = api.get("/api/evals")
+    assert page.status_code == 200
+    assert "No adapter evaluated yet: run <code>clone eval VERSION</code>" in page.text
+    assert 'class="eval-chart"' not in page.text and '<table class="evals">' not in page.text
+    assert listed.json() == []
+
+
+# -- retrain progress as server-sent events ------------------------------------------------------
+
+
+def events(client: httpx.Client, into: list, timeout: float = 60) -> None:
+    """Read GET /api/retrain/events to its end: each status, and "heartbeat" for each comment."""
+    with client.stream("GET", "/api/retrain/events", timeout=timeout) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                into.append(json.loads(line.removeprefix("data: ")))
+            elif line.startswith(":"):
+                into.append("heartbeat")
+
+
+@contextlib.contextmanager
+def retrain_console(tmp_path: Path, step_s: float) -> Iterator:
+    """A console without a model whose retrain is FAKE_RETRAIN, each step taking `step_s`."""
+    script = tmp_path / "fake_retrain.py"
+    script.write_text(FAKE_RETRAIN)
+    (tmp_path / "sam").mkdir()
+    (tmp_path / "sam" / "persona.toml").write_text('name = "Sam"\n')
+    console = console_without_model(tmp_path / "sam", [sys.executable, str(script), "0", str(step_s)])
+    port = free_port()
+    with serving(console, port), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                               headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        yield console, api
+
+
+def test_retrain_events_follow_a_run_with_heartbeats_and_end_with_it(tmp_path, monkeypatch):
+    import bot.console
+
+    monkeypatch.setattr(bot.console, "HEARTBEAT_S", 0.2)  # the steps below last longer than this
+    with retrain_console(tmp_path, 0.8) as (_, api):
+        got: list = []
+        events(api, got)  # nothing runs: the status, and the stream ends
+        assert [e["state"] for e in got] == ["idle"]
+        assert api.post("/api/retrain").status_code == 202
+        got.clear()
+        events(api, got)
+    statuses = [e for e in got if e != "heartbeat"]
+    assert "heartbeat" in got
+    assert statuses[0]["state"] == "running" and statuses[-1]["state"] == "finished"
+    assert all(e["state"] == "running" for e in statuses[:-1])  # nothing after the final status
+    steps = [e["progress"]["step"] for e in statuses[:-1] if e["progress"]]
+    assert len(set(steps)) >= 2 and steps == sorted(steps)  # the bar's steps arrived as they came
+    assert statuses[-1]["exit_code"] == 0
+    assert statuses[-1]["progress"] == {"step": 3, "total": 3}
+    assert statuses[-1]["lines"][-1] == "Active adapter: 20990101-000000"
+    assert all(a != b for a, b in itertools.pairwise(statuses))  # only changes are sent
+
+
+def test_the_server_stops_at_once_with_an_event_stream_open(tmp_path):
+    got: list = []
+    ended: list = []
+
+    def follow(url: str) -> None:  # a page that keeps the stream open, on its own connection
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as page:
+            events(page, got)
+        ended.append(True)
+
+    with retrain_console(tmp_path, 60) as (console, api):  # a run of three minutes
+        assert api.post("/api/retrain").status_code == 202
+        reader = threading.Thread(target=follow, args=(str(api.base_url),), daemon=True)
+        reader.start()
+        for _ in range(100):
+            if got:
+                break
+            time.sleep(0.05)
+        assert got and got[0]["state"] == "running"
+        began = time.monotonic()
+    stopped = time.monotonic() - began  # Ctrl-C: the server, and the retrain it started, are gone
+    reader.join(10)
+    assert stopped < 10, f"the open stream held the shutdown for {stopped:.0f} s"
+    assert ended == [True]  # the stream was ended cleanly, not cut
+    assert not console.retrain.running and console.retrain.exit_code != 0
+
+
 def test_message_text_and_corrections_are_never_logged(api, console, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     said = api.post("/api/chat", json={"text": f"hello {PLANTED}"}).json()
@@ -526,6 +795,8 @@ def drive(browser, url: str, token: str, message: str, correction: str, shot: Pa
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.ID, "login").click()
     box = wait.until(seen.element_to_be_clickable((By.ID, "chat-text")))
+    evals = browser.find_element(By.ID, "eval")  # no adapter of this persona was evaluated
+    assert evals.is_displayed() and "No adapter evaluated yet" in evals.text
     box.send_keys(message)
     browser.find_element(By.ID, "send").click()
     reply = wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, ".msg.clone")))
@@ -572,3 +843,26 @@ def test_a_real_browser_logs_in_chats_corrects_and_switches_adapters(trained, ti
     assert (tmp_path / "console.png").stat().st_size > 10_000
     if os.environ.get("CONSOLE_SCREENSHOT"):  # the README's picture is taken on purpose, not by every run
         shutil.copyfile(tmp_path / "console.png", os.environ["CONSOLE_SCREENSHOT"])
+
+
+def test_a_real_browser_follows_a_retrain_as_the_server_pushes_it(tmp_path):
+    """The panel has no polling of its own: only console.js, on the pushed events, updates it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with retrain_console(tmp_path, 2.0) as (_, api):  # three steps of two seconds
+        browser = chromium()
+        try:
+            wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+            browser.get(f"{api.base_url}/")
+            browser.find_element(By.ID, "token").send_keys(TOKEN)
+            browser.find_element(By.ID, "login").click()
+            wait.until(seen.element_to_be_clickable((By.CSS_SELECTOR, "#retrain button"))).click()
+            wait.until(seen.text_to_be_present_in_element((By.ID, "retrain"), "step 1 of 3"))
+            wait.until(seen.text_to_be_present_in_element((By.ID, "retrain"), "step 2 of 3"))
+            wait.until(seen.text_to_be_present_in_element((By.ID, "retrain-state"), "finished"))
+            assert "Active adapter: 20990101-000000" in browser.find_element(By.ID, "retrain").text
+            assert browser.execute_script("return retrainPolling") is False  # the stream never failed
+        finally:
+            browser.quit()
