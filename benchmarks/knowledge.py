@@ -40,7 +40,17 @@ sys.path.insert(0, str(REPO))
 
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
 from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
-from bot.recall import FactAnswers, fact_answer, scored  # noqa: E402
+from bot.recall import (  # noqa: E402
+    FactAnswers,
+    RecallAnswers,
+    Scored,
+    about_self,
+    asks_about_self,
+    fact_answer,
+    is_question,
+    recall_answer,
+    scored,
+)
 from training.persona import SAMPLE, Persona  # noqa: E402
 
 FACTS = [Fact(tell, ask, tuple(expect.split("|"))) for tell, ask, expect in (
@@ -163,6 +173,7 @@ def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, ar
         greedy = LocalBackend(model, tokenizer, GenerationSettings(temperature=0.0))
         engine.backend, engine.grounded_min = GreedyToo(engine.backend, greedy), args.grounded_min
     engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
+    engine.recall_answers = None  # these users told the clone nothing before
     return engine
 
 
@@ -227,6 +238,79 @@ def calibration(persona: Persona, index_folder: Path, embedder, args) -> dict:
             "fired_at_chosen": fired}
 
 
+def told_statements(texts) -> list[str]:
+    """What recall answers can tell back: statements about their writer (serving remembers every
+    message, but chooses among these only, so the rest changes nothing here)."""
+    return [t for t in texts if not is_question(t) and about_self(t)]
+
+
+def recall_fires(cases: list[tuple[str, list[str]]], embedder, args) -> dict:
+    """Per threshold, how many of `cases` (a question, the user's earlier statements) a recall
+    answer fires on; those at the chosen threshold listed, to be read."""
+    import numpy as np
+
+    from training.index import MIN_SCORE, RECALL_ITEMS
+    from training.prompt import Recalled
+
+    texts = list(dict.fromkeys(t for q, said in cases for t in (q, *said)))
+    vectors = dict(zip(texts, embedder.embed(texts, progress=True), strict=True))
+    found = []
+    for question, said in cases:  # as the long-term memory ranks them, best first
+        sims = np.array([vectors[t] for t in said]) @ vectors[question] if said else np.zeros(0)
+        found.append([Scored(Recalled(said[i], speaker="u"), "said", float(sims[i]), float(sims[i]))
+                      for i in np.argsort(-sims)[:RECALL_ITEMS] if sims[i] >= MIN_SCORE])
+    rates, fired = {}, []
+    for least in (0.4, 0.45, 0.5, 0.55, 0.6, 0.7):
+        rule = RecallAnswers(least, args.recall_answer_margin)
+        hits = [(q, recall_answer(f, q, rule), f) for (q, _), f in zip(cases, found, strict=True)]
+        hits = [h for h in hits if h[1] is not None]
+        rates[str(least)] = len(hits)
+        if least == args.recall_answer_min:
+            fired = [{"message": q, "told_back": told, "said": f[0].item.text,
+                      "similarity": round(f[0].similarity, 3)} for q, told, f in hits]
+    return {"questions_about_self": len(cases), "fired_by_threshold": rates, "fired_at_chosen": fired}
+
+
+def chitchat_cases(keep: int) -> tuple[int, list[tuple[str, list[str]]]]:
+    """Real users' questions about themselves in the chitchat-dataset corpus (the sample persona's
+    source, 258,145 messages of 1,315 people), each with the newest `keep` statements that user
+    made before it, in any conversation: what their long-term memory would hold."""
+    from collections import defaultdict
+
+    import chitchat_dataset
+
+    by_user: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for conversation in chitchat_dataset.Dataset().values():
+        for turn in conversation["messages"]:
+            for m in turn:
+                by_user[m["sender"]].append((m["timestamp"], m["text"]))
+    cases, total = [], 0
+    for said in by_user.values():
+        said.sort()
+        total += len(said)
+        for n, (_, text) in enumerate(said):
+            if asks_about_self(text):
+                cases.append((text, told_statements(t for _, t in said[:n])[-keep:]))
+    return total, cases
+
+
+def recall_calibration(persona: Persona, embedder, args) -> dict:
+    """How often recall answers fire on ordinary chats, never on the recall quiz:
+    - chitchat: every question a real user of the sample's source corpus asked about themselves,
+      against what that user had said before (a long-term memory's newest 500 items);
+    - persona: the other speakers' questions in the persona's chats, against the statements of
+      every other conversation, as if one user had said them all (an upper bound)."""
+    from bot.longterm import DEFAULT_MAX_ITEMS
+
+    messages = incoming_messages(persona)
+    said = told_statements(messages)
+    cases = [(t, [s for s in said if messages[s] != c]) for t, c in messages.items() if asks_about_self(t)]
+    total, corpus = chitchat_cases(DEFAULT_MAX_ITEMS)
+    return {"chitchat": {"messages": total, **recall_fires(corpus, embedder, args)},
+            "persona": {"messages": len(messages), **recall_fires(cases, embedder, args)},
+            "margin": args.recall_answer_margin}
+
+
 def perplexity(persona: Persona, model, tokenizer) -> dict:
     from training.encode import load_jsonl
     from training.evaluate import context_gain, example_lines, perplexities
@@ -240,11 +324,13 @@ def perplexity(persona: Persona, model, tokenizer) -> dict:
 
 
 def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int,
-                args) -> dict:
+                told: bool, args) -> dict:
     import dataclasses
     import uuid
 
     engine = quiz_engine(persona, model, tokenizer, index, embedder, longterm)
+    engine.fact_answers = None
+    engine.recall_answers = RecallAnswers(args.recall_answer_min, args.recall_answer_margin) if told else None
     if args.longterm_variant != "alone":
         *_, grounded, answers = VARIANTS[args.longterm_variant]
         served = variant_engine(persona, model, tokenizer, index, embedder, args, grounded, answers)
@@ -273,9 +359,10 @@ def longterm(persona: Persona, model, tokenizer, index: Path, embedder, args) ->
     if redis_answers():
         stores["redis"] = lambda: RedisLongTerm("redis://127.0.0.1:6379/0")
     clears = (("/reset", 0), ("100 messages", 100))
-    return {f"{store}, after {clear}": recall_once(persona, model, tokenizer, index, embedder, make(), n,
-                                                   args)
-            for store, make in stores.items() for clear, n in clears}
+    ways = (("", False), (", told back", True))  # generated from the prompt; the user's words told back
+    return {f"{store}, after {clear}{way}": recall_once(persona, model, tokenizer, index, embedder, make(),
+                                                        n, told, args)
+            for store, make in stores.items() for clear, n in clears for way, told in ways}
 
 
 def main() -> None:
@@ -287,7 +374,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", type=Path, help="train the copy in this existing folder and keep it")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: calibration, knowledge, perplexity, longterm")
+                        help="comma-separated: calibration, recall_calibration, knowledge, perplexity, "
+                             "longterm")
     parser.add_argument("--variants", default="alone,grounded,answers,both,no-recall,base",
                         help=f"knowledge quiz variants, comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--temperature", type=float, default=0.8, help="serving's sampling temperature")
@@ -295,6 +383,8 @@ def main() -> None:
                         help="grounded decoding: the best knowledge item's similarity at least this")
     parser.add_argument("--fact-answer-min", type=float, default=FactAnswers.min_similarity)
     parser.add_argument("--fact-answer-margin", type=float, default=FactAnswers.margin)
+    parser.add_argument("--recall-answer-min", type=float, default=RecallAnswers.min_similarity)
+    parser.add_argument("--recall-answer-margin", type=float, default=RecallAnswers.margin)
     parser.add_argument("--longterm-variant", default="alone", choices=list(VARIANTS),
                         help="the serving variant the long-term recall quiz runs with")
     args = parser.parse_args()
@@ -310,12 +400,13 @@ def main() -> None:
         skip = set(args.skip.split(","))
         model = tokenizer = None
         figures = dict(build)
-        if not {"knowledge", "perplexity", "longterm"} <= skip:  # calibration alone needs no model
+        if not {"knowledge", "perplexity", "longterm"} <= skip:  # calibrations alone need no model
             model, tokenizer, manifest = adapters.load(persona.adapters)
             figures.update(adapter=manifest["version"], steps=manifest["metrics"]["steps"])
         index, embedder = index_folder(persona, None), Embedder()
         parts = (persona, model, tokenizer, index, embedder)
         for name, measure in (("calibration", lambda: calibration(persona, index, embedder, args)),
+                              ("recall_calibration", lambda: recall_calibration(persona, embedder, args)),
                               ("knowledge", lambda: knowledge(*parts, args)),
                               ("perplexity", lambda: perplexity(persona, model, tokenizer)),
                               ("longterm", lambda: longterm(*parts, args))):

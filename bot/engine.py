@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
-from bot.recall import Asked, FactAnswers, Recaller, Scored, fact_answer
+from bot.recall import Asked, FactAnswers, RecallAnswers, Recaller, Scored, fact_answer, recall_answer
 from training.persona import Persona
 from training.prompt import (
     CHARS_PER_TOKEN,
@@ -109,11 +109,13 @@ class Engine:
         recall_tokens: int = RECALL_TOKENS,  # of prompt_tokens, at most, for recalled items
         fact_answers: FactAnswers | None = None,  # None: every reply is generated
         grounded_min: float | None = None,  # a knowledge item this similar: decode without sampling
+        recall_answers: RecallAnswers | None = None,  # None: a user's words are only shown to the model
     ) -> None:
         self.persona, self.backend, self.memory = persona, backend, memory
         self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
         self.recaller, self.recall_tokens = recaller, recall_tokens
         self.fact_answers, self.grounded_min = fact_answers, grounded_min
+        self.recall_answers = recall_answers
         self._order = KeyedLocks()
         # Called with each prompt before it is generated from: the owner's console shows what a reply
         # drew on and stores it with a correction. None (the bots): nothing is kept.
@@ -196,12 +198,17 @@ class Engine:
                       found: list[Scored]) -> Generated | str:
         """The person's own written answer when the message asks a knowledge-base question near
         certainly (a 135M model copies a recalled fact into its reply only a third of the time);
-        else the model's turn, without sampling when a knowledge item matches closely."""
+        the user's own earlier words told back when they ask about themselves as surely; else the
+        model's turn, without sampling when a knowledge item matches closely."""
         fact = fact_answer(found, incoming.text, self.fact_answers)
         if fact is not None:
             log.info("fact answer platform=%s channel=%s similarity=%.2f",
                      incoming.platform, incoming.channel, fact.similarity)
             return Generated(fact.item.text)
+        told = recall_answer(found, incoming.text, self.recall_answers)
+        if told is not None:
+            log.info("recall answer platform=%s channel=%s", incoming.platform, incoming.channel)
+            return Generated(told)
         return await self._generate(prompt, incoming, self._grounded(found))
 
     def _grounded(self, found: list[Scored]) -> bool:

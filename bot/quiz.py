@@ -22,7 +22,7 @@ from bot.engine import Engine, Incoming
 from bot.generation import GenerationSettings
 from bot.longterm import EmbeddedLongTerm, LongTerm
 from bot.memory import EmbeddedMemory, Turn
-from bot.recall import Asked, IndexFollower, Recaller
+from bot.recall import Asked, FactAnswers, IndexFollower, RecallAnswers, Recaller
 from training.index import TextEmbedder
 from training.persona import Persona
 
@@ -122,9 +122,11 @@ async def recall_quiz(engine: Engine, facts: Sequence[Fact], fillers: int = 0) -
 
 
 def quiz_engine(persona: Persona, model, tokenizer, index: Path | None, embedder: TextEmbedder | None,
-                longterm: LongTerm | None = None, settings: GenerationSettings | None = None) -> Engine:
-    """An engine over `model` as `clone chat` builds one, its memory in this process only;
-    without `embedder`, nothing is recalled."""
+                longterm: LongTerm | None = None, settings: GenerationSettings | None = None,
+                answers: bool = False) -> Engine:
+    """An engine over `model` as `clone chat` builds one, its memory in this process only; without
+    `embedder`, nothing is recalled. `answers`: fact and recall answers on, at serving's defaults
+    (off: every reply is generated)."""
     from bot.generation import LocalBackend
     from training.base_model import token_counter
 
@@ -134,19 +136,20 @@ def quiz_engine(persona: Persona, model, tokenizer, index: Path | None, embedder
         follower = IndexFollower(index, embedder.name) if index else None
         recaller = Recaller(persona.id, embedder, follower, longterm or EmbeddedLongTerm(None),
                             persona.blocklist)
+    rules = {"fact_answers": FactAnswers(), "recall_answers": RecallAnswers()} if recaller and answers else {}
     return Engine(persona, LocalBackend(model, tokenizer, settings), EmbeddedMemory(None, count_tokens=count),
-                  count, recaller=recaller)
+                  count, recaller=recaller, **rules)
 
 
 def ask_persona(persona: Persona, model, tokenizer, index: Path | None) -> dict | None:
     """The knowledge quiz of `persona`'s eval_questions.csv (None when it has none), through an
-    engine that recalls from `index`."""
+    engine that recalls from `index` and answers as `clone chat` does (fact answers on)."""
     assert persona.root is not None
     path = persona.root / QUESTIONS_FILE
     if not path.is_file():
         return None
     from training.embed import Embedder
 
-    engine = quiz_engine(persona, model, tokenizer, index, Embedder())
+    engine = quiz_engine(persona, model, tokenizer, index, Embedder(), answers=True)  # as served
     result = asyncio.run(knowledge_quiz(engine, read_questions(path)))
     return {**result, "questions": QUESTIONS_FILE}

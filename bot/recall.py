@@ -86,6 +86,130 @@ def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Sco
 
 
 @dataclass(frozen=True)
+class RecallAnswers:
+    """When a user asks about themselves ("what's my dog's name?") and their own earlier words
+    answer it near certainly ("my dog's name is Rex"), those words are told back to them ("your
+    dog's name is Rex") instead of a generated reply: a 135M model copied a recalled line into its
+    reply 0-5 times in 30 (CLONE_RECALL_ANSWER_MIN). Calibrated on the other speakers' messages in
+    the sample's chats, never on the recall quiz (figures in benchmarks/README.md)."""
+
+    min_similarity: float = 0.45
+    margin: float = 0.05  # over the next different thing the user said
+
+
+# Words that make a message about its writer, and those that carry no subject of their own.
+_SELF = frozenset({"i", "i'm", "im", "i've", "i'll", "i'd", "me", "my", "mine", "myself"})
+_FILLER = _QUESTION_WORDS | _SELF | frozenset({
+    "the", "a", "an", "am", "to", "of", "in", "on", "at", "for", "from", "by", "with", "and", "or",
+    "it", "that", "this", "what's", "whats", "where's", "who's", "you", "your", "be", "been", "so",
+    "just", "really", "again", "remember", "tell", "know", "u", "ur", "up", "now", "still", "ever",
+    "any", "some", "there", "here", "about", "all", "said", "told", "he", "she", "him", "her", "his",
+    "they", "them", "their", "its", "we", "us", "our", "not", "don't", "think", "probably"})
+# Told back: the user's first person becomes the second, and the clone's second person its first.
+_TOLD_BACK = {
+    "i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself", "i'm": "you're",
+    "im": "you're", "i've": "you've", "i'll": "you'll", "i'd": "you'd", "am": "are",
+    "you": "me", "your": "my", "yours": "mine", "yourself": "myself", "you're": "I'm", "ur": "my"}
+_AFTER = {("i", "was"): "were", ("you", "are"): "am", ("you", "were"): "was"}
+_TAKES_OBJECT = frozenset({
+    "told", "tell", "to", "with", "for", "at", "about", "love", "miss", "thank", "see", "saw", "ask",
+    "asked", "show", "showed", "give", "gave", "let", "from", "call", "called", "text", "texted",
+    "like", "met", "meet", "remind", "reminded", "than", "and"})
+_TOKEN = re.compile(r"[A-Za-z']+")
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
+_WH = frozenset({"what", "what's", "whats", "where", "where's", "when", "who", "who's", "whom", "whose",
+                 "which", "how", "how's"})
+_LEAD_IN = frozenset({"do", "you", "u", "remember", "know", "recall", "hey", "so", "and", "but", "ok",
+                      "okay", "btw", "wait", "quick", "question", "lol", "haha"})
+_YOU = frozenset({"you", "your", "yours", "yourself", "you're", "u", "ur"})
+MAX_QUESTION_WORDS = 12
+MAX_UNMARKED_WORDS = 8
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold().replace("\u2019", "'"))
+
+
+def about_self(text: str) -> bool:
+    return not _SELF.isdisjoint(_words(text))
+
+
+def subject_words(text: str) -> set[str]:
+    """What a message is about, roughly stemmed: "lives" and "live" meet, "dog's" and "dog"."""
+    words = (w.removesuffix("'s") for w in _words(text))
+    return {w[:4] if len(w) > 4 else w for w in words if w not in _FILLER and len(w) > 1}
+
+
+def sentences(text: str) -> list[str]:
+    return [m.strip() for m in _SENTENCE.findall(text) if m.strip()]
+
+
+def asks_about_self(text: str) -> str | None:
+    """The question in `text` when it asks the user's own facts back ("what's my dog's name?",
+    "do you remember where I live?"): short, opening with a wh-word, about the writer and not
+    about the clone ("how about yourself?", "did I talk to you?" are not). None otherwise."""
+    asked = [x for x in sentences(text) if x.endswith("?")]
+    # Without a question mark, only a short message that is one question: "which" and "when" open
+    # many statements ("which i suppose is design in a manner of speaking").
+    if not asked and len(sentences(text)) == 1 and len(_words(text)) <= MAX_UNMARKED_WORDS:
+        asked = sentences(text)
+    if not asked:
+        return None
+    words = _words(asked[-1])
+    while words and words[0] in _LEAD_IN:
+        words = words[1:]
+    if not words or words[0] not in _WH or len(words) > MAX_QUESTION_WORDS or _SELF.isdisjoint(words):
+        return None
+    to_clone = any(w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
+    return None if to_clone else asked[-1]
+
+
+def best_sentence(said: str, question: str) -> str | None:
+    """The sentence of what the user said that is about them and shares the most with the
+    question; None when none shares a word."""
+    wanted = subject_words(question)
+    scored_sentences = [(len(subject_words(x) & wanted), x) for x in sentences(said)
+                        if about_self(x) and not x.endswith("?")]
+    best = max(scored_sentences, key=lambda pair: pair[0], default=(0, None))
+    return best[1] if best[0] else None
+
+
+def told_back(text: str) -> str:
+    """A user's own words said back to them: "I was born in Lisbon" -> "You were born in Lisbon"."""
+    text = text.replace("\u2019", "'")
+    tokens, swapped, previous = _TOKEN.findall(text), [], ""
+    for token in tokens:
+        low = token.casefold()
+        if low == "you":  # an object after these ("I told you"), else a subject ("you know")
+            word = "me" if previous in _TAKES_OBJECT else "I"
+        else:
+            word = _AFTER.get((previous, low)) or _TOLD_BACK.get(low, token)
+        swapped.append(word)
+        previous = low
+    if swapped and tokens[0][0].isupper():
+        swapped[0] = swapped[0][0].upper() + swapped[0][1:]
+    gaps = _TOKEN.split(text)  # the text between the words, kept as it was
+    return "".join(g + w for g, w in zip(gaps, [*swapped, ""], strict=True))
+
+
+def recall_answer(found: list[Scored], text: str, rule: RecallAnswers | None) -> str | None:
+    """The user's own earlier words told back, when `text` asks about the user and one thing they
+    said answers it near certainly; None otherwise (or without a rule)."""
+    question = asks_about_self(text) if rule is not None else None
+    if question is None:
+        return None
+    said = [f for f in found if f.kind == "said" and not is_question(f.item.text) and about_self(f.item.text)]
+    if not said or said[0].similarity < rule.min_similarity:
+        return None
+    best = said[0]
+    others = [f for f in said[1:] if f.item.text.casefold() != best.item.text.casefold()]
+    if others and best.similarity - others[0].similarity < rule.margin:
+        return None
+    sentence = best_sentence(best.item.text, question)
+    return told_back(sentence) if sentence else None
+
+
+@dataclass(frozen=True)
 class Asked:
     """One incoming message as recall needs it."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
-from bot.recall import FactAnswers, Recaller
+from bot.recall import FactAnswers, RecallAnswers, Recaller
 from training.persona import Persona
 
 
@@ -107,6 +107,7 @@ class RecallChoice:
     longterm_items: int = 500
     longterm_file: Path | None = None  # without Redis; default: the persona folder's longterm.json
     fact_answers: FactAnswers | None = field(default_factory=FactAnswers)  # None: always generate
+    recall_answers: RecallAnswers | None = field(default_factory=RecallAnswers)  # None: always generate
 
 
 def index_folder(persona: Persona, version: str | None) -> Path | None:
@@ -151,6 +152,7 @@ def build_runtime(
     memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
     gate = open_gate(persona, rules, redis)  # the persona's [serve] rules unless given
     recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
-    fact_answers = recall.fact_answers if recaller is not None else None
-    engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=fact_answers)
+    answers = (recall.fact_answers, recall.recall_answers) if recaller is not None else (None, None)
+    engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=answers[0],
+                    recall_answers=answers[1])
     return Runtime(engine, backend, memory, gate, redis, what, recaller)

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # A message this similar to a knowledge-base question gets the person's own written answer;
     # `off` generates every reply. 0.7 fired on 0.84% of the sample's ordinary incoming messages.
     clone_fact_answer_min: float | None = Field(0.7, gt=0, le=1, description="fact answer threshold")
+    # A user asking about themselves this close to something they said gets their words told back.
+    clone_recall_answer_min: float | None = Field(0.45, gt=0, le=1, description="recall answer threshold")
     # Well under the platforms' SIGKILL (Fly 5 s by default, Heroku 30 s): what is not answered by
     # then is left to the next process.
     clone_stop_grace_s: float = Field(8.0, ge=0, le=300, description="SIGTERM: time to finish replies")
@@ -95,7 +97,7 @@ class Settings(BaseSettings):
     def _home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
-    @field_validator("clone_fact_answer_min", mode="before")
+    @field_validator("clone_fact_answer_min", "clone_recall_answer_min", mode="before")
     @classmethod
     def _off(cls, value: object) -> object:
         return None if str(value).strip().casefold() in ("off", "none", "false") else value

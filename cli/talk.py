@@ -27,12 +27,14 @@ def model_choice(session: Session, args: argparse.Namespace):
 
 def open_runtime(session: Session, args: argparse.Namespace, rules=None):
     """The engine and its parts; an adapter of another persona is a one-line error."""
-    from bot.recall import FactAnswers
+    from bot.recall import FactAnswers, RecallAnswers
     from bot.runtime import RecallChoice, build_runtime
 
     s = session.settings
     answers = FactAnswers(s.clone_fact_answer_min) if s.clone_fact_answer_min is not None else None
-    recall = RecallChoice(s.clone_recall, s.clone_longterm_days, s.clone_longterm_items, fact_answers=answers)
+    told = RecallAnswers(s.clone_recall_answer_min) if s.clone_recall_answer_min is not None else None
+    recall = RecallChoice(s.clone_recall, s.clone_longterm_days, s.clone_longterm_items, fact_answers=answers,
+                          recall_answers=told)
     try:
         return build_runtime(session.persona, model_choice(session, args), redis_url=s.secret("redis_url"),
                              memory_file=s.clone_memory_file, rules=rules, recall=recall)

@@ -337,3 +337,100 @@ def test_the_fact_answer_setting(monkeypatch):
     assert Settings(_env_file=None).clone_fact_answer_min == 0.8
     monkeypatch.delenv("CLONE_FACT_ANSWER_MIN")
     assert Settings(_env_file=None).clone_fact_answer_min == 0.7
+
+
+# -- a user's own earlier words told back when they ask about themselves ------------------------
+
+
+def test_told_back_turns_the_users_words_to_them():
+    from bot.recall import told_back
+
+    assert told_back("my dog's name is Rex") == "your dog's name is Rex"
+    assert told_back("I was born in Lisbon, you know") == "You were born in Lisbon, I know"
+    assert told_back("I told you my sister lives in Denver!") == "You told me your sister lives in Denver!"
+    assert told_back("i\u2019m 34") == "you're 34"
+
+
+@pytest.mark.parametrize(("text", "asks"), [
+    ("what's my dog's name?", True),
+    ("do you remember where I live?", True),
+    ("ok so what did I tell you my sister does?", True),
+    ("whats my cats name", True),  # short and one question: no "?" needed
+    ("I am well, how about yourself?", False),  # asks about the clone
+    ("did I talk to you about this?", False),  # not a wh-question
+    ("what's your dog's name?", False),  # the person's knowledge, not the user's
+    ("which i suppose is design in a manner of speaking", False),  # "which" opening a statement
+    ("what do you think about the weather lately and my plans for the long weekend?", False),  # long
+])
+def test_which_messages_ask_about_their_writer(text, asks):
+    from bot.recall import asks_about_self
+
+    assert (asks_about_self(text) is not None) is asks
+
+
+def said_list(*rows: tuple[str, float]):
+    from bot.recall import Scored
+    from training.prompt import Recalled
+
+    return [Scored(Recalled(text, speaker="Alex"), "said", sim, sim) for text, sim in rows]
+
+
+def test_recall_answer_needs_the_threshold_a_margin_and_a_shared_word():
+    from bot.recall import RecallAnswers, recall_answer
+
+    rule = RecallAnswers(min_similarity=0.45, margin=0.05)
+    told = said_list(("my cat is named Pickles", 0.7), ("lol ok", 0.3))
+    assert recall_answer(told, "what's my cat called?", rule) == "your cat is named Pickles"
+    assert recall_answer(told, "what's my cat called?", None) is None  # off
+    assert recall_answer(said_list(("my cat is named Pickles", 0.4)), "what's my cat called?", rule) is None
+    tie = said_list(("my cat is named Pickles", 0.7), ("my cat hates baths", 0.68))
+    assert recall_answer(tie, "what's my cat called?", rule) is None  # two answers near a tie
+    again = said_list(("my cat is named Pickles", 0.7), ("My cat is named Pickles", 0.7))
+    assert recall_answer(again, "what's my cat called?", rule) == "your cat is named Pickles"  # said twice
+    unrelated = said_list(("I love pizza", 0.6))
+    assert recall_answer(unrelated, "what's my cat called?", rule) is None  # no word in common
+    long = said_list(("haha no way. my cat is named Pickles. anyway gtg", 0.6))
+    assert recall_answer(long, "what's my cat called?", rule) == "your cat is named Pickles."  # its sentence
+    knowledge = scored_list(("fact", 0.9, 1.0))
+    assert recall_answer(knowledge, "what's my cat called?", rule) is None  # only what the user said
+
+
+@pytest.mark.parametrize("store", ["redis", "embedded"])
+def test_a_user_asking_after_reset_gets_their_own_words_back(known, model, embedder, store, tmp_path):
+    from bot.recall import RecallAnswers
+
+    longterm = RedisLongTerm(REDIS) if store == "redis" else EmbeddedLongTerm(tmp_path / "lt.json")
+    engine, recording = engine_for(known, model, embedder, longterm)
+    engine.persona = Persona(name="Sam", id=f"t{uuid.uuid4().hex[:8]}")  # keys of this test's own
+    engine.recall_answers = RecallAnswers()
+
+    async def go() -> list[list[str]]:
+        try:
+            await engine.handle(said("my cat is named Pickles"))
+            await engine.reset("test", "c1")
+            generated = len(recording.prompts)
+            back = await engine.handle(said("what's my cat called?"))
+            assert len(recording.prompts) == generated  # told back, nothing generated
+            other = await engine.handle(said("what's my cat called?", user="someone-else", channel="c2"))
+            await engine.forget("u1")
+            await engine.reset("test", "c1")
+            forgotten = await engine.handle(said("what's my cat called?"))
+            return [back, other, forgotten]
+        finally:
+            await engine.forget("u1")
+            await engine.forget("someone-else")
+            await longterm.close()
+
+    back, other, forgotten = asyncio.run(go())
+    assert back == ["your cat is named Pickles"]
+    assert "Pickles" not in " ".join(other)  # another user's words are not theirs
+    assert "Pickles" not in " ".join(forgotten)  # /forget took it away
+
+
+def test_the_recall_answer_setting(monkeypatch):
+    from cli.settings import Settings
+
+    monkeypatch.setenv("CLONE_RECALL_ANSWER_MIN", "off")
+    assert Settings(_env_file=None).clone_recall_answer_min is None
+    monkeypatch.setenv("CLONE_RECALL_ANSWER_MIN", "0.6")
+    assert Settings(_env_file=None).clone_recall_answer_min == 0.6

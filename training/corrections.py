@@ -2,16 +2,16 @@
 
 One JSON object a line:
 
-    {"id", "created", "reply_id", "source",        which reply, from where ("console", later the bots)
+    {"id", "created", "reply_id", "source",        which reply, from where (console, telegram, discord)
      "context": [{"role", "content"}, ...],        the prompt's conversation turns (no system prompt)
      "recalled": [{"text", "asked", "speaker"}],   what the reply drew on
      "reply": "...",                               what the clone said (its messages, one a line)
      "text": "..." | "rating": "good" | "bad",     what the owner would have said, or a verdict
      "edited": "..."}                              when the owner last changed it (absent if never)
 
-`clone retrain` will read them as supervised samples (context -> text, or -> reply when rated
-good) and as preference pairs (text preferred over reply; a reply rated bad rejected). It lives in
-training/ because training reads it; the console (and later the bots' /correct) write it.
+`clone prepare` and `clone retrain` read them (training.feedback) as supervised samples (context
+-> text, or -> reply when rated good) and as preference pairs (text preferred over reply). It lives in
+training/ because training reads it; the console and the bots' /correct write it.
 
 Adding appends one whole line with a single write, so a crash can leave at most a torn last line
 (skipped on reading, and never glued to the next one). Editing and deleting rewrite the file
