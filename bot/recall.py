@@ -122,8 +122,12 @@ _WH = frozenset({"what", "what's", "whats", "where", "where's", "when", "who", "
 _LEAD_IN = frozenset({"do", "you", "u", "remember", "know", "recall", "hey", "so", "and", "but", "ok",
                       "okay", "btw", "wait", "quick", "question", "lol", "haha"})
 _YOU = frozenset({"you", "your", "yours", "yourself", "you're", "u", "ur"})
+_MEMORY = frozenset({"remember", "recall", "know"})
+_MODAL = frozenset({"should", "could", "would", "can", "will", "shall", "might", "must"})
+_VOCATIVE = frozenset({"man", "friend", "dude", "bro", "guy", "god", "gosh", "goodness", "lord", "dear"})
 MAX_QUESTION_WORDS = 12
 MAX_UNMARKED_WORDS = 8
+_AUXILIARY = frozenset({"is", "are", "am", "was", "were", "do", "does", "did", "have", "has", "had"})
 
 
 def _words(text: str) -> list[str]:
@@ -149,19 +153,37 @@ def asks_about_self(text: str) -> str | None:
     "do you remember where I live?"): short, opening with a wh-word, about the writer and not
     about the clone ("how about yourself?", "did I talk to you?" are not). None otherwise."""
     asked = [x for x in sentences(text) if x.endswith("?")]
-    # Without a question mark, only a short message that is one question: "which" and "when" open
-    # many statements ("which i suppose is design in a manner of speaking").
-    if not asked and len(sentences(text)) == 1 and len(_words(text)) <= MAX_UNMARKED_WORDS:
-        asked = sentences(text)
+    if not asked:
+        asked = [x for x in sentences(text) if unmarked_question(x)][-1:]
     if not asked:
         return None
-    words = _words(asked[-1])
+    words, lead = _words(asked[-1]), set()
     while words and words[0] in _LEAD_IN:
-        words = words[1:]
-    if not words or words[0] not in _WH or len(words) > MAX_QUESTION_WORDS or _SELF.isdisjoint(words):
+        lead.add(words.pop(0))
+    if len(words) < 2 or words[0] not in _WH or len(words) > MAX_QUESTION_WORDS:
+        return None
+    # "which I think is cool", "when I go see it": a clause, not a question. "what if", "how
+    # about": no fact asked. "should I", "how do I": advice, not memory. "my man": a greeting.
+    mine = [w for n, w in enumerate(words) if w in _SELF - {"me"} and not (
+        w == "my" and words[n + 1:n + 2] and words[n + 1] in _VOCATIVE)]
+    # "what's my dog's name" asks; so does "do you remember where I live".
+    clause = (words[1] in _SELF and not (words[1] == "my" and words[0].endswith("s"))
+              and lead.isdisjoint(_MEMORY))
+    if (not mine or clause or words[1] in ("if", "about") or not _MODAL.isdisjoint(words)
+            or words[:3] == ["how", "do", "i"]):
         return None
     to_clone = any(w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
     return None if to_clone else asked[-1]
+
+
+def unmarked_question(sentence: str) -> bool:
+    """A question without its question mark: short, unpunctuated, "whats ..." or a wh-word then
+    a verb ("where do i live"). "which" and "when" open many statements ("which i suppose is
+    design", "when I go see it")."""
+    words = _words(sentence)
+    if sentence.rstrip()[-1:] in ".!" or not 2 <= len(words) <= MAX_UNMARKED_WORDS:
+        return False
+    return words[0] in _WH and (words[0].endswith("s") or words[1] in _AUXILIARY)
 
 
 def best_sentence(said: str, question: str) -> str | None:

@@ -361,6 +361,11 @@ def test_told_back_turns_the_users_words_to_them():
     ("what's your dog's name?", False),  # the person's knowledge, not the user's
     ("which i suppose is design in a manner of speaking", False),  # "which" opening a statement
     ("what do you think about the weather lately and my plans for the long weekend?", False),  # long
+    ("when I go see it", False),  # a clause
+    ("what's up my man", False),  # a greeting
+    ("how do I get into the honors program?", False),  # advice, not memory
+    ("what should I watch tonight?", False),
+    ("what if I never find my keys?", False),
 ])
 def test_which_messages_ask_about_their_writer(text, asks):
     from bot.recall import asks_about_self
