@@ -17,7 +17,7 @@ and with them as samples plus DPO over preference pairs, in one run, on the samp
                  reply a higher log-probability (summed over its tokens) than the clone's old one;
                  the same share on the trained four fifths (did the adapter learn them at all?)
 
-    python benchmarks/corrections.py                      # 30 steps each, 60 corrections (~20 min)
+    python benchmarks/corrections.py                      # 20 steps each, 60 corrections (~25 min)
     python benchmarks/corrections.py --steps 8 --corrections 20   # quick check
     python benchmarks/corrections.py --json
 """
@@ -283,6 +283,12 @@ def dpo_variant(out: Path, sft_version: str, data: Path, lr: float, held: list[d
 # -- the run ---------------------------------------------------------------------------------------
 
 
+def partial(name: str, result: dict) -> None:
+    """Each adapter's figures as soon as they are known (stderr): a long run cut short keeps them."""
+    print(json.dumps({"run": name, **result}), file=sys.stderr, flush=True)
+
+
+
 def run(args) -> dict:
     from training import adapters
     from training.base_model import load_tokenizer, token_counter
@@ -313,9 +319,11 @@ def run(args) -> dict:
         runs["c_sft_dpo"] = train_one(persona.dataset, out, args.steps, 1, "dpo", args)
         for name in RUNS:
             runs[name] |= score_version(out, runs[name]["version"], held, trained, args.base)
+            partial(name, runs[name])
         for lr in args.dpo_lrs:
-            runs[f"c_dpo_lr_{lr:g}"] = dpo_variant(out, runs["b_sft"]["version"], persona.dataset, lr, held,
-                                                   trained, args)
+            name = f"c_dpo_lr_{lr:g}"
+            runs[name] = dpo_variant(out, runs["b_sft"]["version"], persona.dataset, lr, held, trained, args)
+            partial(name, runs[name])
     return {"steps": args.steps, "corrections": {"made": len(items), "trained": len(trained),
                                                  "held_out": len(held), "card": card.get("corrections")},
             "settings": {k: getattr(args, k) for k in TUNED},
@@ -346,7 +354,7 @@ def main() -> None:
     from training.config import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30, help="supervised steps of every adapter")
+    ap.add_argument("--steps", type=int, default=20, help="supervised steps of every adapter")
     ap.add_argument("--corrections", type=int, default=60, help="corrections to synthesize")
     for name in TUNED:
         default = TrainConfig.__dataclass_fields__[name].default  # `clone retrain`'s

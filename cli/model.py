@@ -54,7 +54,8 @@ def print_corrections(result, always: bool = False) -> None:
         return
     weight = result.manifest["hyperparameters"].get("correction_weight")
     dpo = result.manifest["metrics"].get("preference")
-    stage = f", DPO {dpo['steps']} steps" if dpo else ", not trained on (--preference none)"
+    stage = (f", DPO {dpo['steps']} step{'' if dpo['steps'] == 1 else 's'}" if dpo
+             else ", not trained on (--preference none)")
     pairs = f"{used['pairs']} preference pair{'' if used['pairs'] == 1 else 's'}"
     print(f"Corrections used: {used['used']} of {used['read']} ({used['samples']} samples x{weight}; "
           f"{pairs}{stage if used['pairs'] else ''})")

@@ -186,7 +186,7 @@ def test_retrain_says_how_many_corrections_it_used_and_never_what(personas, tmp_
     # Counted as prepare reads them, then as training used them.
     assert ("Corrections: 2 of 3 used (2 samples, 1 preference pairs, rated bad with no better answer: 1)"
             in out)
-    assert "Corrections used: 2 of 3 (2 samples x3; 1 preference pair, DPO 2 steps)" in out
+    assert "Corrections used: 2 of 3 (2 samples x3; 1 preference pair, DPO 1 step)" in out  # one pass
     for private in ("ring", "415", "sure thing", "whatever", "maybe"):
         assert private not in out + err
     [manifest] = adapters.versions(personas / "alice" / "adapters")
