@@ -11,6 +11,12 @@ process so that peak memory is its own:
             there are labels, LoRA on the top half of the blocks without dropout, the
             allocator kept from trimming, precision picked for the hardware
 
+  command   `clone train` whole (`--command`): training.train.train with clone train's own
+            settings (knowledge share, evaluation every 50 steps, checkpoints every 25, the final
+            validation score and the adapter's save) in a fresh interpreter, timed from its start
+            to its return; tokens/s is the trained tokens over all of that, and the time is
+            split into phases (start-up, steps, evaluations, checkpoints, the end)
+
 Reported: real (non-padding) tokens per second, peak RSS, and the achieved FLOP/s (the
 matmul work each set-up really needs per token: ours skips the LM head where there are no
 labels and the backward pass below the lowest adapted layer) as a share of a plain fp32
@@ -18,6 +24,7 @@ matmul's FLOP/s measured in the same run.
 
     python benchmarks/train_throughput.py               # 24 steps each (a few minutes)
     python benchmarks/train_throughput.py --steps 8     # quick check
+    python benchmarks/train_throughput.py --command 60  # also the whole command, 60 steps
 
 On a CUDA machine the Trainer runs both on the GPU (ours in bf16, or fp16 on a GPU without bf16),
 peak GPU memory is reported beside the RSS, and the reference matmul runs on the GPU in ours'
@@ -142,6 +149,48 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     }
 
 
+def command_child(data: Path, steps: int, work: Path, spawned: float) -> dict:
+    """`clone train` whole: its own settings, timed from the interpreter's start (`spawned`, the
+    parent's clock) and split into phases by a callback."""
+    from training import train as t
+
+    class Phases(t.TrainerCallback):
+        def __init__(self) -> None:
+            self.mark = 0.0
+            self.spent = dict.fromkeys(("start-up", "steps", "evaluations", "checkpoints"), 0.0)
+
+        def lap(self, phase: str) -> None:
+            now = time.time()
+            self.spent[phase] += now - self.mark
+            self.mark = now
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.mark = spawned
+            self.lap("start-up")  # interpreter, imports, tokenizing, the model and the Trainer
+
+        def on_step_end(self, args, state, control, **kw):
+            self.lap("steps")
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.lap("evaluations")
+
+        def on_save(self, args, state, control, **kw):
+            self.lap("checkpoints")
+
+    phases = Phases()
+    cfg = t.TrainConfig(data=data, out=work, max_steps=steps)  # everything else as `clone train`
+    result = t.train(cfg, callbacks=[phases])
+    end = time.time()
+    phases.spent["the end"] = end - phases.mark  # final validation score, save, activation
+    metrics = result.manifest["metrics"]
+    wall = end - spawned
+    return {"mode": "command", "steps": metrics["steps"], "tokens": metrics["train_tokens"],
+            "seconds": round(wall, 2), "tokens_per_second": round(metrics["train_tokens"] / wall, 1),
+            "trainer_tokens_per_second": metrics["tokens_per_second"],
+            "phases_s": {k: round(v, 1) for k, v in phases.spent.items()},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def matmul_flops(precision: str) -> float:
     """FLOP/s of a plain matmul shaped like the model's MLP, in this process: fp32 on a CPU, in
     `precision` on a GPU."""
@@ -167,7 +216,7 @@ def run_child(mode: str, data: Path, steps: int, batch_size: int) -> dict:
     error's line, its stderr passed on, so that the other set-up is still measured."""
     done = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--data", str(data), "--steps", str(steps),
-         "--batch-size", str(batch_size)],
+         "--batch-size", str(batch_size), "--spawned", repr(time.time())],
         capture_output=True, text=True, cwd=REPO,
     )
     if done.returncode:
@@ -175,11 +224,13 @@ def run_child(mode: str, data: Path, steps: int, batch_size: int) -> dict:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])
         return {"mode": mode, "error": error.strip()}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), file=sys.stderr, flush=True)  # kept should a later part fail
+    return result
 
 
-def ratio(runs: dict, key: str) -> float | None:
-    ours, base = runs["ours"].get(key), runs["baseline"].get(key)
+def ratio(runs: dict, key: str, of: str = "ours") -> float | None:
+    ours, base = runs.get(of, {}).get(key), runs["baseline"].get(key)
     return round(ours / base, 2) if ours and base else None
 
 
@@ -187,13 +238,14 @@ def summarise(runs: dict) -> dict:
     ours = runs["ours"]
     peak = matmul_flops(ours["precision"])
     for r in runs.values():
-        if "error" not in r:
+        if "flops_per_second" in r:
             r["matmul_fraction"] = round(r["flops_per_second"] / peak, 3)
     return {
         "runs": runs,
         "matmul_gflops": round(peak / 1e9, 1),
         "matmul_precision": ours["precision"] if ours["device"] != "cpu" else "fp32",
         "speedup": ratio(runs, "tokens_per_second"),
+        "command_speedup": ratio(runs, "tokens_per_second", "command"),
         "peak_memory_ratio": ratio(runs, "peak_rss_gb"),
         "peak_gpu_memory_ratio": ratio(runs, "peak_gpu_gb"),
     }
@@ -202,6 +254,8 @@ def summarise(runs: dict) -> dict:
 def print_table(summary: dict) -> None:
     print(f"{'':10}{'tok/s':>8}{'peak RSS':>10}{'GFLOP/s':>9}{'of matmul':>11}  precision")
     for name, r in summary["runs"].items():
+        if name == "command":
+            continue
         if "error" in r:
             print(f"{name:10}failed: {r['error']}")
             continue
@@ -209,6 +263,11 @@ def print_table(summary: dict) -> None:
         print(f"{name:10}{r['tokens_per_second']:>8.0f}{r['peak_rss_gb']:>8.1f}GB"
               f"{r['flops_per_second'] / 1e9:>9.1f}{r['matmul_fraction']:>10.1%}  {r['precision']}{gpu}")
     print(f"plain {summary['matmul_precision']} matmul: {summary['matmul_gflops']} GFLOP/s")
+    command = summary["runs"].get("command")
+    if command and "error" not in command:
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in command["phases_s"].items())
+        print(f"clone train whole, {command['steps']} steps: {command['tokens_per_second']:.0f} tok/s over "
+              f"{command['seconds']:.0f} s ({summary['command_speedup']}x the baseline); {phases}")
     if summary["speedup"]:
         print(f"speed-up ours/baseline: {summary['speedup']}x; peak memory ours/baseline: "
               f"{summary['peak_memory_ratio']}" + (f" (GPU: {summary['peak_gpu_memory_ratio']})"
@@ -221,16 +280,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="samples in one batch (clone train's: 4)")
     ap.add_argument("--data", type=Path, help="a prepared dataset folder (default: the sample persona's)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--command", type=int, metavar="STEPS",
+                    help="also time `clone train` whole for this many steps (its evaluations, checkpoints)")
+    ap.add_argument("--child", choices=["baseline", "ours", "command"], help=argparse.SUPPRESS)
+    ap.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as work:
-            print(json.dumps(child(args.child, args.data, args.steps, Path(work), args.batch_size)))
+            if args.child == "command":
+                print(json.dumps(command_child(args.data, args.steps, Path(work), args.spawned)))
+            else:
+                print(json.dumps(child(args.child, args.data, args.steps, Path(work), args.batch_size)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or prepare_sample(Path(tmp))
         runs = {mode: run_child(mode, data, args.steps, args.batch_size) for mode in ("baseline", "ours")}
+        if args.command:
+            runs["command"] = run_child("command", data, args.command, args.batch_size)
     if "error" in runs["ours"]:
         sys.exit(f"ours failed: {runs['ours']['error']}")
     summary = summarise(runs)

@@ -328,3 +328,15 @@ def test_a_serving_backend_follows_the_active_adapter(tiny_base, tiny_dataset, t
     asyncio.run(scenario())
     refused = [r for r in caplog.records if "could not be loaded" in r.getMessage()]
     assert len(refused) == 1 and "still serving" in refused[0].getMessage()
+
+
+def test_the_mid_run_curve_scores_a_fixed_spread_of_the_validation_split():
+    from training.train import CURVE_ROWS, curve_rows
+
+    rows = [{"input_ids": list(range(n))} for n in range(100, 0, -1)]  # 100 rows, longest first
+    picked = curve_rows(rows)
+    lengths = [len(r["input_ids"]) for r in picked]
+    assert len(picked) == CURVE_ROWS and lengths == sorted(lengths)  # short to long, none twice
+    assert lengths[0] == 1 and lengths[-1] > 90  # the whole range of lengths
+    assert curve_rows(rows) == picked  # the same points at every evaluation
+    assert curve_rows(rows[:5]) == rows[:5]  # a small split is scored whole
