@@ -173,7 +173,6 @@ def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, ar
         greedy = LocalBackend(model, tokenizer, GenerationSettings(temperature=0.0))
         engine.backend, engine.grounded_min = GreedyToo(engine.backend, greedy), args.grounded_min
     engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
-    engine.recall_answers = None  # these users told the clone nothing before
     return engine
 
 
@@ -329,7 +328,6 @@ def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longt
     import uuid
 
     engine = quiz_engine(persona, model, tokenizer, index, embedder, longterm)
-    engine.fact_answers = None
     engine.recall_answers = RecallAnswers(args.recall_answer_min, args.recall_answer_margin) if told else None
     if args.longterm_variant != "alone":
         *_, grounded, answers = VARIANTS[args.longterm_variant]

@@ -149,7 +149,7 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     }
 
 
-def command_child(data: Path, steps: int, work: Path, spawned: float) -> dict:
+def command_child(data: Path, steps: int, work: Path, batch_size: int, spawned: float) -> dict:
     """`clone train` whole: its own settings, timed from the interpreter's start (`spawned`, the
     parent's clock) and split into phases by a callback."""
     from training import train as t
@@ -178,7 +178,8 @@ def command_child(data: Path, steps: int, work: Path, spawned: float) -> dict:
             self.lap("checkpoints")
 
     phases = Phases()
-    cfg = t.TrainConfig(data=data, out=work, max_steps=steps)  # everything else as `clone train`
+    # Everything but the steps and the batch size as `clone train` has it.
+    cfg = t.TrainConfig(data=data, out=work, max_steps=steps, batch_size=batch_size)
     result = t.train(cfg, callbacks=[phases])
     end = time.time()
     phases.spent["the end"] = end - phases.mark  # final validation score, save, activation
@@ -288,9 +289,10 @@ def main() -> None:
     if args.child:
         with tempfile.TemporaryDirectory() as work:
             if args.child == "command":
-                print(json.dumps(command_child(args.data, args.steps, Path(work), args.spawned)))
+                result = command_child(args.data, args.steps, Path(work), args.batch_size, args.spawned)
             else:
-                print(json.dumps(child(args.child, args.data, args.steps, Path(work), args.batch_size)))
+                result = child(args.child, args.data, args.steps, Path(work), args.batch_size)
+            print(json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as tmp:

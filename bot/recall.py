@@ -90,8 +90,9 @@ class RecallAnswers:
     """When a user asks about themselves ("what's my dog's name?") and their own earlier words
     answer it near certainly ("my dog's name is Rex"), those words are told back to them ("your
     dog's name is Rex") instead of a generated reply: a 135M model copied a recalled line into its
-    reply 0-5 times in 30 (CLONE_RECALL_ANSWER_MIN). Calibrated on the other speakers' messages in
-    the sample's chats, never on the recall quiz (figures in benchmarks/README.md)."""
+    reply 0-5 times in 30 (CLONE_RECALL_ANSWER_MIN). Calibrated on real users' own earlier words
+    in the chitchat corpus the sample comes from, never on the recall quiz (figures in
+    benchmarks/README.md)."""
 
     min_similarity: float = 0.45
     margin: float = 0.05  # over the next different thing the user said
@@ -99,6 +100,7 @@ class RecallAnswers:
 
 # Words that make a message about its writer, and those that carry no subject of their own.
 _SELF = frozenset({"i", "i'm", "im", "i've", "i'll", "i'd", "me", "my", "mine", "myself"})
+_SUBJECT = _SELF - {"me"}  # "keep me in stress mode?" is not about the writer's own facts
 _FILLER = _QUESTION_WORDS | _SELF | frozenset({
     "the", "a", "an", "am", "to", "of", "in", "on", "at", "for", "from", "by", "with", "and", "or",
     "it", "that", "this", "what's", "whats", "where's", "who's", "you", "your", "be", "been", "so",
@@ -164,7 +166,7 @@ def asks_about_self(text: str) -> str | None:
         return None
     # "which I think is cool", "when I go see it": a clause, not a question. "what if", "how
     # about": no fact asked. "should I", "how do I": advice, not memory. "my man": a greeting.
-    mine = [w for n, w in enumerate(words) if w in _SELF - {"me"} and not (
+    mine = [w for n, w in enumerate(words) if w in _SUBJECT and not (
         w == "my" and words[n + 1:n + 2] and words[n + 1] in _VOCATIVE)]
     # "what's my dog's name" asks; so does "do you remember where I live".
     clause = (words[1] in _SELF and not (words[1] == "my" and words[0].endswith("s"))

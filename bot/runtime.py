@@ -152,7 +152,7 @@ def build_runtime(
     memory = open_memory(redis, memory_file or persona.memory_file, count_tokens=count)
     gate = open_gate(persona, rules, redis)  # the persona's [serve] rules unless given
     recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
-    answers = (recall.fact_answers, recall.recall_answers) if recaller is not None else (None, None)
-    engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=answers[0],
-                    recall_answers=answers[1])
+    facts, told = (recall.fact_answers, recall.recall_answers) if recaller is not None else (None, None)
+    engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=facts,
+                    recall_answers=told)
     return Runtime(engine, backend, memory, gate, redis, what, recaller)
