@@ -759,9 +759,12 @@ def console_process(persona: Persona, base: Path, port: int, tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if k != "CLONE_CONSOLE_TOKEN"}
     env.update(CLONE_RECALL="false", CLONE_MEMORY_FILE=str(tmp_path / "memory.json"), PYTHONUNBUFFERED="1")
     err = (tmp_path / "console.err").open("w")
+    # Ctrl-C reaches it as it would from a terminal, however the suite was started: a shell's
+    # background job (`pytest &`, nohup) passes SIGINT down ignored, and the console never stopped.
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "console", "--persona", str(persona.root), "--base", str(base),
-         "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+         "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
