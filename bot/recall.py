@@ -178,6 +178,14 @@ def asks_about_self(text: str) -> str | None:
     return None if to_clone else asked[-1]
 
 
+def asks_about_clone(text: str) -> bool:
+    """A question to the clone about itself ("what's your cat's name?"): the second person as its
+    subject ("did I tell you" is not), and no first person."""
+    words = _words(text)
+    return is_question(text) and not about_self(text) and any(
+        w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
+
+
 def unmarked_question(sentence: str) -> bool:
     """A question without its question mark: short, unpunctuated, "whats ..." or a wh-word then
     a verb ("where do i live"). "which" and "when" open many statements ("which i suppose is
@@ -297,7 +305,10 @@ class Recaller:
         index = self.index.refresh() if self.index else None
         if index is not None:
             found += scored(index.search(vector, RECALL_ITEMS, MIN_SCORE))
-        if self.longterm is not None:
+        # Asked about the clone ("what's your cat's name?"), a user's own words are not recalled:
+        # what makes them similar to the question ("my cat is called Pickles") is what a 135M
+        # model took for its own answer.
+        if self.longterm is not None and not asks_about_clone(asked.text):
             said = await self.longterm.search(self.persona_id, asked.platform, asked.author_id, vector,
                                               RECALL_ITEMS, before=before, min_score=MIN_SCORE)
             found += [Scored(Recalled(r.text, speaker=r.speaker), "said", s, s + KNOWLEDGE_BONUS)

@@ -439,3 +439,34 @@ def test_the_recall_answer_setting(monkeypatch):
     assert Settings(_env_file=None).clone_recall_answer_min is None
     monkeypatch.setenv("CLONE_RECALL_ANSWER_MIN", "0.6")
     assert Settings(_env_file=None).clone_recall_answer_min == 0.6
+
+
+@pytest.mark.parametrize(("text", "to_clone"), [
+    ("what's your cat's name?", True), ("you have a cat?", True), ("how are you?", True),
+    ("do you remember my cat?", False), ("did I tell you about my cat?", False),
+    ("what's my cat called?", False), ("I love cats", False)])
+def test_which_messages_ask_the_clone_about_itself(text, to_clone):
+    from bot.recall import asks_about_clone
+
+    assert asks_about_clone(text) is to_clone
+
+
+def test_a_users_words_are_not_offered_as_the_clones_own(known, model, embedder, tmp_path):
+    longterm = EmbeddedLongTerm(tmp_path / "lt.json")
+    engine, recording = engine_for(known, model, embedder, longterm)
+
+    async def go() -> list[str]:
+        await engine.handle(said("my cat is named Pickles"))
+        await engine.handle(said("I grew up in Lisbon"))
+        await engine.reset("test", "c1")
+        systems = []
+        for question in ("what's your cat's name?", "what's my cat called?", "where did you grow up?"):
+            await engine.handle(said(question))
+            systems.append(system_of(recording))
+        await longterm.close()
+        return systems
+
+    yours, mine, elsewhere = asyncio.run(go())
+    assert "Pickles" not in yours  # the user's cat is not offered as the clone's
+    assert "Pickles" in mine  # asked about their own cat, their words are recalled
+    assert "Lisbon" not in elsewhere and "Tucson" in elsewhere  # the clone's own fact, not theirs
