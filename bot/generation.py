@@ -8,7 +8,9 @@ making a user wait minutes.
 Serving speed (issue 13; figures in benchmarks/README.md, from benchmarks/serve_speed.py):
 `load_clone` serves the adapter merged into the base weights it loaded for serving (a new model
 object per load: the adapter folder stays the source of truth, and AdapterWatcher's swap and
-rollback load a fresh one), in bf16 where the CPU multiplies bf16 fast (AMX), fp32 elsewhere;
+rollback load a fresh one), in bf16 where the CPU multiplies bf16 fast (AMX), else with its
+weights in fp16 and its arithmetic in fp32 where fbgemm can (x86 with AVX2: a reply step reads
+half the bytes), else in fp32; the prompt is read on every core and the reply written on half;
 and a reply stops at the person's natural length (the 95th percentile of their replies in the
 persona's dataset) rather than at a fixed cap.
 """
@@ -31,7 +33,7 @@ from training.generate import generate_turns
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # fp16: fp16 weights, fp32 arithmetic
 NATURAL_ATTR = "natural_reply_tokens"  # set on a served model by load_clone: its reply cap
 REPLY_PERCENTILE = 0.95
 MIN_REPLY_TOKENS = 16  # a cap never below this, however terse the person
@@ -50,6 +52,9 @@ class GenerationSettings:
     natural_length: bool = True
     # torch threads while generating (None: torch's own choice). See serving_threads.
     threads: int | None = field(default_factory=lambda: serving_threads())
+    # torch threads while reading the prompts, every core by default (training.generate.prefill:
+    # large matrix products, which more threads speed up even on busy cores). None: `threads`.
+    prefill_threads: int | None = field(default_factory=lambda: os.cpu_count())
 
 
 @dataclass
@@ -76,13 +81,20 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def serving_dtype(precision: str = "auto") -> torch.dtype:
-    """bf16 where it is fast (or asked for), else fp32."""
+def serving_precision(precision: str = "auto") -> str:
+    """What `precision` serves on this CPU: "auto" is bf16 where it is fast (AMX), else fp16
+    weights where fbgemm multiplies them (HalfWeightLinear), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "auto":
-        precision = "bf16" if cpu_has_fast_bf16() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+        return "bf16" if cpu_has_fast_bf16() else "fp16" if half_weights_work() else "fp32"
+    return precision
+
+
+def serving_dtype(precision: str = "auto") -> torch.dtype:
+    """The dtype the model's tensors are cast to: bf16 for bf16, fp32 otherwise (fp16 keeps fp32
+    activations; only its linear weights are halved)."""
+    return torch.bfloat16 if serving_precision(precision) == "bf16" else torch.float32
 
 
 class PackedLinear(torch.nn.Module):
@@ -116,32 +128,82 @@ def packing_works() -> bool:
         return False
 
 
+class HalfWeightLinear(torch.nn.Module):
+    """A linear layer whose weight fbgemm keeps in fp16, packed once, and multiplies in fp32.
+    One reply step reads every weight once and this CPU's memory bounds it: half the bytes made
+    a step 0.6-0.7x as long as fp32 on 2 AVX2 cores, with logits within 1e-3 (plain fp16 or bf16
+    matmuls, converted by torch on the fly, took 8-11x; benchmarks/serve_speed.py)."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        if keep_weight:  # tied to the embeddings: kept for their lookup, costs nothing more
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+@functools.cache
+def half_weights_work() -> bool:
+    """Whether this torch multiplies fp16 weights here (fbgemm: x86 with AVX2), checked on a small
+    linear layer against F.linear."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        linear = torch.nn.Linear(64, 32)
+        x = torch.randn(3, 5, 64)
+        with torch.no_grad():
+            return torch.allclose(HalfWeightLinear(linear)(x), linear(x), atol=1e-2)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def replace_linears(model, make, dtype: torch.dtype) -> int:
+    """Every plain linear layer of `model` with weights in `dtype` replaced by `make(linear,
+    keep_weight)` (keep_weight: the output layer whose weight the embeddings share); how many."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(embeddings.weight)} if embeddings is not None else set()
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is torch.nn.Linear and m.weight.dtype == dtype]
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        replaced = make(linear, keep_weight=id(linear.weight) in tied)
+        setattr(model.get_submodule(parent) if parent else model, child, replaced)
+    return len(targets)
+
+
 def pack_linears(model) -> int:
     """Every linear layer of a bf16 model packed (PackedLinear), where that works; how many."""
     if not (torch.backends.mkldnn.is_available() and packing_works()):
         return 0
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = {id(embeddings.weight)} if embeddings is not None else set()
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
-    for name, linear in targets:
-        parent, _, child = name.rpartition(".")
-        packed = PackedLinear(linear, keep_weight=id(linear.weight) in tied)
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
-    return len(targets)
+    return replace_linears(model, PackedLinear, torch.bfloat16)
 
 
 def prepare_for_serving(model, precision: str = "auto", merge: bool = True):
     """The model as served: a peft adapter merged into the weights (no LoRA matmuls per layer),
-    cast to `serving_dtype(precision)`, its linear layers packed when in bf16 (PackedLinear). It
-    merges in place: pass a model loaded for serving (load_clone's), never one that is also used
-    with its adapter apart."""
+    cast to `serving_dtype(precision)`, its linear layers packed in bf16 (PackedLinear) or with
+    fp16 weights (HalfWeightLinear) when the precision says so. It merges in place: pass a model
+    loaded for serving (load_clone's), never one that is also used with its adapter apart."""
     if merge and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model = model.to(serving_dtype(precision)).eval()
-    if model.dtype == torch.bfloat16 and not hasattr(model, "peft_config"):
-        pack_linears(model)
+    chosen = serving_precision(precision)
+    model = model.to(serving_dtype(chosen)).eval()
+    if not hasattr(model, "peft_config"):
+        if chosen == "bf16":
+            pack_linears(model)
+        elif chosen == "fp16" and half_weights_work():
+            replace_linears(model, HalfWeightLinear, torch.float32)
     return model
+
+
+def served_precision(model) -> str:
+    """How a served model multiplies, for the log: "bf16", "fp16 weights" or "fp32"."""
+    if any(isinstance(m, HalfWeightLinear) for m in model.modules()):
+        return "fp16 weights"
+    return str(model.dtype).removeprefix("torch.")
 
 
 def natural_reply_tokens(dataset: Path | None, tokenizer, percentile: float = REPLY_PERCENTILE) -> int | None:
@@ -183,7 +245,7 @@ def load_clone(adapters_root: Path, version: str | None = None, base: str | None
     cap = natural_reply_tokens(dataset or adapters_root.parent / "dataset", tokenizer)
     setattr(model, NATURAL_ATTR, cap)
     log.info("serving %s (%s%s), reply cap %s", what, "merged, " if merged else "",
-             str(model.dtype).removeprefix("torch."), f"{cap} tokens" if cap else "fixed")
+             served_precision(model), f"{cap} tokens" if cap else "fixed")
     return model, tokenizer, what
 
 
@@ -235,9 +297,11 @@ class LocalBackend:
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
         if s.threads and torch.get_num_threads() != s.threads:
             torch.set_num_threads(s.threads)  # process-wide: the recall embedder follows it too
+        split = s.threads and s.prefill_threads and s.prefill_threads != s.threads
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty)
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+            prefill_threads=s.prefill_threads if split else None)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

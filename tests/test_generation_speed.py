@@ -194,3 +194,49 @@ def test_replies_are_generated_on_half_the_cores(tiny_base, tokenizer):
             assert torch.get_num_threads() == (threads or 2)  # None: torch's own choice, untouched
     finally:
         torch.set_num_threads(before)
+
+
+def test_fp16_weights_answer_as_fp32_where_fbgemm_runs_them(tiny_base, tokenizer, tmp_path, monkeypatch):
+    import bot.generation
+    from bot.generation import HalfWeightLinear, half_weights_work, served_precision, serving_precision
+
+    # This CI runs on x86: fbgemm is there, and the check must find it.
+    assert half_weights_work() == ("fbgemm" in torch.backends.quantized.supported_engines)
+    assert serving_precision("fp16") == "fp16" and serving_dtype("fp16") == torch.float32
+    monkeypatch.setattr(bot.generation, "cpu_has_fast_bf16", lambda: False)
+    assert serving_precision() == ("fp16" if half_weights_work() else "fp32")
+
+    attached = noisy_lora(tiny_base, seed=1)
+    full = prepare_for_serving(copy.deepcopy(attached), precision="fp32")
+    half = prepare_for_serving(copy.deepcopy(attached), precision="fp16")
+    linears = [m for m in half.modules() if isinstance(m, HalfWeightLinear)]
+    assert len(linears) == sum(type(m) is torch.nn.Linear for m in full.modules()) > 0
+    assert served_precision(half) == "fp16 weights" and served_precision(full) == "float32"
+    # The output layer shares the embeddings' weight: it stays there for their lookup.
+    assert half.get_output_embeddings().weight is half.get_input_embeddings().weight
+    assert torch.allclose(logits(half, tokenizer), logits(full, tokenizer), atol=2e-2)
+    base = load_model(resolve_base(str(tiny_base)))
+    assert not torch.allclose(logits(half, tokenizer), logits(base, tokenizer), atol=1e-2)  # adapter kept
+    assert greedy(half, tokenizer) == greedy(full, tokenizer)
+
+    save_adapter(tmp_path / "adapters", "v1", tiny_base, tokenizer, seed=1)
+    model, _, _ = load_clone(tmp_path / "adapters", "v1", base=str(tiny_base))
+    assert served_precision(model) == ("fp16 weights" if half_weights_work() else "float32")
+    generated = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=6)).generate_batch(HELLO)
+    assert len(generated) == 2 and all(isinstance(g.text, str) and g.text for g in generated)
+
+
+def test_a_prompt_read_on_other_threads_gives_the_same_reply(tiny_base, tokenizer):
+    """The prompts of a left-padded batch read apart (training.generate.prefill) continue exactly
+    as generate reading them itself; the reply's threads are back when it ends."""
+    model = noisy_lora(tiny_base, seed=3).merge_and_unload()
+    whole = generate_turns(model, tokenizer, HELLO, max_new_tokens=10, temperature=0)
+    before = torch.get_num_threads()
+    apart = generate_turns(model, tokenizer, HELLO, max_new_tokens=10, temperature=0, prefill_threads=2)
+    assert apart == whole and torch.get_num_threads() == before
+    from training.encode import encode
+
+    lengths = {len(encode(c, tokenizer, add_generation_prompt=True).input_ids) for c in HELLO}
+    assert len(lengths) == 2  # one row is padded
+    settings = GenerationSettings(max_new_tokens=4, threads=1, prefill_threads=2)
+    assert len(LocalBackend(model, tokenizer, settings).generate_batch(HELLO)) == 2
