@@ -5,9 +5,8 @@
           (peft), fp32, a fixed 64-token cap
   new     the serving path now: bot.generation.load_clone (the adapter merged into the weights,
           bf16 where the CPU has AMX, else fp16 weights with fp32 arithmetic where fbgemm runs
-          them, else fp32) behind LocalBackend (the prompt read on every core, the reply on
-          half), each reply capped at the person's natural length (the 95th percentile of their
-          replies in train.jsonl)
+          them, else fp32) behind LocalBackend, each reply capped at the person's natural
+          length (the 95th percentile of their replies in train.jsonl)
 
 Prompts are the held-out samples of a prepared dataset (`--data`, default: the sample persona,
 prepared into a temporary folder, about a minute), each cut before its last reply of the person:
@@ -28,8 +27,7 @@ in the machine's load hits all of them alike:
   --levers L,.. adds, to the same interleaved rounds, single levers: fp32 (merged), bf16-unpacked
                 (merged, bf16 without PackedLinear), int8 (merged, torch dynamic quantisation
                 with per-channel weight scales), all-threads (`new` on torch's own thread count
-                rather than serving_threads', half the cores), one-prefill (`new` reading the
-                prompt on its reply threads rather than on every core)
+                rather than serving_threads', half the cores)
 
 The adapter: `--adapter DIR` (an adapter folder, as `clone train` writes it), else a fresh LoRA
 (clone train's default shape: r=16, alpha 32, every linear layer of the top half of the blocks)
@@ -87,10 +85,8 @@ TARGET_P50_S = 2.0   # one reply, as served
 TARGET_BATCH = 4.0   # 8 channels at once / one at a time, throughput
 TARGET_PPL = 0.01    # served perplexity within 1% of the attached fp32 adapter
 # Single levers (--levers): the merged adapter in fp32, in bf16 without PackedLinear, with int8
-# weights (torch dynamic quantisation), the served model on torch's own thread count, and the
-# served model reading prompts on its reply threads.
-LEVERS = ("fp32", "bf16-unpacked", "int8", "all-threads", "one-prefill")
-THREAD_LEVERS = {"all-threads", "one-prefill"}
+# weights (torch dynamic quantisation), and the served model on torch's own thread count.
+LEVERS = ("fp32", "bf16-unpacked", "int8", "all-threads")
 
 
 # -- the prompts and the adapter -------------------------------------------------------------------
@@ -400,7 +396,7 @@ def build_variants(root: Path, version: str, data: Path, args) -> tuple[list[Var
     levers = set(args.levers.split(",")) if args.levers else set()
     if unknown := levers - set(LEVERS):
         raise SystemExit(f"--levers: unknown {sorted(unknown)}; known: {','.join(LEVERS)}")
-    floats = levers - THREAD_LEVERS
+    floats = levers - {"all-threads"}
     merged = load_clone(root, version, precision="fp32", dataset=data)[0] if floats else None
     derived = {"fp32": lambda: merged, "bf16-unpacked": lambda: copy.deepcopy(merged).to(torch.bfloat16),
                "int8": lambda: quantize_int8(copy.deepcopy(merged))}
@@ -411,9 +407,6 @@ def build_variants(root: Path, version: str, data: Path, args) -> tuple[list[Var
     if "all-threads" in levers:
         everything = LocalBackend(new_model, tokenizer, GenerationSettings(threads=None))
         variants.append(Variant(f"new, {torch.get_num_threads()} threads", new_model, everything))
-    if "one-prefill" in levers:
-        one = LocalBackend(new_model, tokenizer, GenerationSettings(prefill_threads=None))
-        variants.append(Variant("new, prefill on its threads", new_model, one))
     return variants, attached, tokenizer
 
 

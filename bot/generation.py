@@ -10,9 +10,8 @@ Serving speed (issue 13; figures in benchmarks/README.md, from benchmarks/serve_
 object per load: the adapter folder stays the source of truth, and AdapterWatcher's swap and
 rollback load a fresh one), in bf16 where the CPU multiplies bf16 fast (AMX), else with its
 weights in fp16 and its arithmetic in fp32 where fbgemm can (x86 with AVX2: a reply step reads
-half the bytes), else in fp32; the prompt is read on every core and the reply written on half;
-and a reply stops at the person's natural length (the 95th percentile of their replies in the
-persona's dataset) rather than at a fixed cap.
+half the bytes), else in fp32; and a reply stops at the person's natural length (the 95th
+percentile of their replies in the persona's dataset) rather than at a fixed cap.
 """
 
 from __future__ import annotations
@@ -52,9 +51,6 @@ class GenerationSettings:
     natural_length: bool = True
     # torch threads while generating (None: torch's own choice). See serving_threads.
     threads: int | None = field(default_factory=lambda: serving_threads())
-    # torch threads while reading the prompts, every core by default (training.generate.prefill:
-    # large matrix products, which more threads speed up even on busy cores). None: `threads`.
-    prefill_threads: int | None = field(default_factory=lambda: os.cpu_count())
 
 
 @dataclass
@@ -297,11 +293,9 @@ class LocalBackend:
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
         if s.threads and torch.get_num_threads() != s.threads:
             torch.set_num_threads(s.threads)  # process-wide: the recall embedder follows it too
-        split = s.threads and s.prefill_threads and s.prefill_threads != s.threads
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            prefill_threads=s.prefill_threads if split else None)
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

@@ -225,18 +225,3 @@ def test_fp16_weights_answer_as_fp32_where_fbgemm_runs_them(tiny_base, tokenizer
     generated = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=6)).generate_batch(HELLO)
     assert len(generated) == 2 and all(isinstance(g.text, str) and g.text for g in generated)
 
-
-def test_a_prompt_read_on_other_threads_gives_the_same_reply(tiny_base, tokenizer):
-    """The prompts of a left-padded batch read apart (training.generate.prefill) continue exactly
-    as generate reading them itself; the reply's threads are back when it ends."""
-    model = noisy_lora(tiny_base, seed=3).merge_and_unload()
-    whole = generate_turns(model, tokenizer, HELLO, max_new_tokens=10, temperature=0)
-    before = torch.get_num_threads()
-    apart = generate_turns(model, tokenizer, HELLO, max_new_tokens=10, temperature=0, prefill_threads=2)
-    assert apart == whole and torch.get_num_threads() == before
-    from training.encode import encode
-
-    lengths = {len(encode(c, tokenizer, add_generation_prompt=True).input_ids) for c in HELLO}
-    assert len(lengths) == 2  # one row is padded
-    settings = GenerationSettings(max_new_tokens=4, threads=1, prefill_threads=2)
-    assert len(LocalBackend(model, tokenizer, settings).generate_batch(HELLO)) == 2
