@@ -787,6 +787,16 @@ def printed_token(proc, lines: list[str], timeout: float = 90) -> str:
     raise AssertionError(f"clone console printed no token: {lines}")
 
 
+def active_row_version(browser) -> str | None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:  # htmx may be swapping the table in
+        return browser.find_element(By.CSS_SELECTOR, "table.adapters tr.active").get_attribute("data-version")
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
 def drive(browser, url: str, token: str, message: str, correction: str, shot: Path) -> None:
     """Log in, chat, correct the reply, see it listed, rate it, switch adapters: what an owner does."""
     from selenium.webdriver.common.by import By
@@ -813,9 +823,9 @@ def drive(browser, url: str, token: str, message: str, correction: str, shot: Pa
     row = browser.find_element(By.CSS_SELECTOR, "table.adapters tbody tr:not(.active)")
     version = row.get_attribute("data-version")
     row.find_element(By.TAG_NAME, "button").click()
-    wait.until(seen.text_to_be_present_in_element((By.ID, "serving"), f"adapter {version}"))
-    active = browser.find_element(By.CSS_SELECTOR, "table.adapters tr.active")
-    assert active.get_attribute("data-version") == version
+    # Exact text: two adapters trained in one second are "v" and "v-2", and one contains the other.
+    wait.until(lambda b: b.find_element(By.ID, "serving").text.strip() == f"adapter {version}")
+    wait.until(lambda b: active_row_version(b) == version)
     browser.find_element(By.ID, "chat-text").send_keys("and now?")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.clone")) == 2)
