@@ -50,7 +50,8 @@ def cmd_init(args: argparse.Namespace) -> None:
                              args.exports)
     print(f"Created persona {persona.name} [{persona.id}] in {shown(folder)} "
           f"({len(args.exports or [])} export(s) copied)")
-    hint = "" if args.me else "; set `me` in persona.toml (`clone import` lists who is who)"
+    hint = "" if args.me else ("; set `me` in persona.toml (`clone import` lists who is who), "
+                               "unless the persona's name is yours in the chats")
     print(f"Next: `clone prepare --persona {folder.name}`{hint}")
 
 
@@ -123,8 +124,8 @@ def run_prepare(session: Session, args: argparse.Namespace) -> Outcome:
 
 def print_prepared(outcome: Outcome) -> None:
     card = outcome.prepared.card
-    if outcome.me_from_owner:
-        print(f"Taking the export's owner as {card.persona}: set `me` in persona.toml to be sure")
+    if outcome.me_guessed:
+        print(f"Taking {outcome.me_guessed} as {card.persona}: set `me` in persona.toml to be sure")
     print(
         f"Dataset for {card.persona}: {card.samples['train']:,} train / {card.samples['val']:,} val "
         f"samples from {card.conversations['train'] + card.conversations['val']:,} conversations "

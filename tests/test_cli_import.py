@@ -156,6 +156,20 @@ def test_prepare_without_me_names_the_authors(tmp_path, capsys):
     assert not (persona / "dataset").exists()
 
 
+def test_prepare_takes_the_author_named_as_the_persona(tmp_path, capsys):
+    chat = FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt"
+    persona = new_persona(tmp_path, capsys, chat, name="alice")  # Alice writes in it, Bob Smith too
+    code, out, _ = run(["prepare", "--persona", persona, "--val-fraction", "0"], capsys)
+    assert code == 0, out
+    assert "Taking the author named alice as alice" in out
+    train = [json.loads(x) for x in (persona / "dataset" / "train.jsonl").read_text().splitlines()]
+    replies = [m["content"] for s in train for m in s["messages"] if m["role"] == "assistant"]
+    assert replies and all(r.startswith("Same to you") for r in replies)  # Alice's words, not Bob's
+    nobody = new_persona(tmp_path / "other", capsys, chat, name="Carol")  # no author of that name
+    code, _, err = run(["prepare", "--persona", nobody], capsys)
+    assert code == 2 and "`me` in persona.toml" in err
+
+
 def test_prepare_uses_the_exports_owner(tmp_path, capsys):
     persona = new_persona(tmp_path, capsys, FIXTURES / "telegram/full_export.json")
     code, out, _ = run(["prepare", "--persona", persona], capsys)

@@ -52,18 +52,24 @@ class Outcome:
     report: ImportReport
     tally: ImportTally
     me: list[str]
-    me_from_owner: bool  # nobody said who the person is: the export's owner was taken
+    me_guessed: str | None  # nobody said who the person is: whom prepare took (who_is_me)
     out: Path
 
 
-def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport) -> tuple[list[str], bool]:
-    """The person's author names or ids, and whether they were guessed from the export's owner."""
+def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport,
+              tally: ImportTally | None = None) -> tuple[list[str], str | None]:
+    """The person's author names or ids, and how they were guessed when nobody said (None when
+    `me` or persona.toml did): the export's owner, else the one author named as the persona."""
     if me:
-        return list(me), False
+        return list(me), None
     if persona.me:
-        return list(persona.me), False
+        return list(persona.me), None
     if report.owners:
-        return list(report.owners), True
+        return list(report.owners), "the export's owner"
+    named = {author_id for author_id, author in (tally.authors if tally else ())
+             if " ".join(author.split()).casefold() == " ".join(persona.name.split()).casefold()}
+    if len(named) == 1:
+        return list(named), f"the author named {persona.name}"
     raise PrepareError(
         "who are you in these chats? set `me` in persona.toml or pass --me NAME_OR_ID "
         "(`clone import PATH` lists the authors)")
@@ -89,7 +95,7 @@ def prepare(
     assert persona.dataset is not None, "a persona loaded from its folder"
     report, tally = report or ImportReport(), tally or ImportTally()
     messages = list(tally.watch(import_messages(list(paths), report, fmt)))
-    me, guessed = who_is_me(cfg.me, persona, report)
+    me, guessed = who_is_me(cfg.me, persona, report, tally)
     check_me_present(messages, me)
     persona = dataclasses.replace(persona, me=tuple(me), blocklist=(*persona.blocklist, *blocklist))
     prepared = dataset.build(messages, persona, dataclasses.replace(cfg, me=me), count_tokens, report)
