@@ -51,6 +51,10 @@ class GenerationSettings:
     natural_length: bool = True
     # torch threads while generating (None: torch's own choice). See serving_threads.
     threads: int | None = field(default_factory=lambda: serving_threads())
+    # torch threads for a batch of several channels (None: `threads`): every core. One reply step
+    # is bound by memory, but 8 prompts to read and 8 rows a step are arithmetic that more cores
+    # share (benchmarks/serve_speed.py, the 8-channel column).
+    batch_threads: int | None = field(default_factory=lambda: os.cpu_count())
 
 
 @dataclass
@@ -291,8 +295,9 @@ class LocalBackend:
         """One batch through the model; message text can never become a template token."""
         s = self.settings
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
-        if s.threads and torch.get_num_threads() != s.threads:
-            torch.set_num_threads(s.threads)  # process-wide: the recall embedder follows it too
+        threads = s.batch_threads if len(conversations) > 1 and s.batch_threads else s.threads
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # process-wide: the recall embedder follows it too
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
             top_p=s.top_p, repetition_penalty=s.repetition_penalty)
