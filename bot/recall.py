@@ -174,16 +174,19 @@ def asks_about_self(text: str) -> str | None:
     if (not mine or clause or words[1] in ("if", "about") or not _MODAL.isdisjoint(words)
             or words[:3] == ["how", "do", "i"]):
         return None
-    to_clone = any(w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
-    return None if to_clone else asked[-1]
+    return None if to_the_clone(words) else asked[-1]
+
+
+def to_the_clone(words: list[str]) -> bool:
+    """Whether the clone is a subject of these words ("how about yourself"), not only an object
+    ("did I tell you")."""
+    return any(w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
 
 
 def asks_about_clone(text: str) -> bool:
     """A question to the clone about itself ("what's your cat's name?"): the second person as its
-    subject ("did I tell you" is not), and no first person."""
-    words = _words(text)
-    return is_question(text) and not about_self(text) and any(
-        w in _YOU and (n == 0 or words[n - 1] not in _TAKES_OBJECT) for n, w in enumerate(words))
+    subject, and no first person."""
+    return is_question(text) and not about_self(text) and to_the_clone(_words(text))
 
 
 def unmarked_question(sentence: str) -> bool:
