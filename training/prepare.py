@@ -57,7 +57,7 @@ class Outcome:
 
 
 def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport,
-              tally: ImportTally | None = None) -> tuple[list[str], str | None]:
+              tally: ImportTally) -> tuple[list[str], str | None]:
     """The person's author names or ids, and how they were guessed when nobody said (None when
     `me` or persona.toml did): the export's owner, else the one author named as the persona."""
     if me:
@@ -66,8 +66,9 @@ def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport,
         return list(persona.me), None
     if report.owners:
         return list(report.owners), "the export's owner"
-    named = {author_id for author_id, author in (tally.authors if tally else ())
-             if " ".join(author.split()).casefold() == " ".join(persona.name.split()).casefold()}
+    wanted = persona.name.strip().casefold()  # as dataset.PersonMatcher compares names
+    named = {author if author_id == "?" else author_id  # an author without an id: by name
+             for author_id, author in tally.authors if author.strip().casefold() == wanted}
     if len(named) == 1:
         return list(named), f"the author named {persona.name}"
     raise PrepareError(
