@@ -6,8 +6,9 @@ its users? Issue 12's measures, in one run, with their baselines beside them.
     python benchmarks/knowledge.py --persona DIR    # an existing prepared persona with an adapter
     python benchmarks/knowledge.py --persona DIR --skip perplexity,longterm --variants alone,answers
 
-Issue 12's levers, each beside the model alone: `grounded` (no sampling when the best recalled
-item is a knowledge item at least --grounded-min similar), `answers` (the person's own answer
+Issue 12's levers, each beside the model alone: `grounded` (a question with a knowledge item at
+least --grounded-min similar among those recalled is decoded against the prompt without them,
+weight --contrast: training.generate.RecallContrast), `answers` (the person's own answer
 when the message asks a knowledge-base question at --fact-answer-min or more), `both`. The
 fact-answer threshold is calibrated on ordinary messages, never on the evaluation questions:
 `calibration` counts how often each threshold fires on the incoming messages of the persona's
@@ -41,12 +42,14 @@ sys.path.insert(0, str(REPO))
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
 from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
 from bot.recall import (  # noqa: E402
+    GROUNDED_MIN,
     FactAnswers,
     RecallAnswers,
     Scored,
     about_self,
     asks_about_self,
     fact_answer,
+    grounds,
     is_question,
     recall_answer,
     scored,
@@ -133,24 +136,6 @@ class Seeing:
         await self.inner.close()
 
 
-class GreedyToo:
-    """The serving backend, and beside it the same model without sampling for grounded replies
-    (the engine's `Grounded` protocol)."""
-
-    def __init__(self, sampling, greedy) -> None:
-        self.sampling, self.greedy = sampling, greedy
-
-    async def generate(self, messages):
-        return await self.sampling.generate(messages)
-
-    async def generate_grounded(self, messages):
-        return await self.greedy.generate(messages)
-
-    async def close(self) -> None:
-        await self.sampling.close()
-        await self.greedy.close()
-
-
 # name: (adapter, recall, grounded decoding, fact answers)
 VARIANTS = {
     "alone": ("adapter, recall", True, True, False, False),
@@ -165,20 +150,20 @@ VARIANTS = {
 
 def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, args, grounded: bool,
                    answers: bool):
-    from bot.generation import GenerationSettings, LocalBackend
+    from bot.generation import GenerationSettings
 
     engine = quiz_engine(persona, model, tokenizer, index, embedder,
-                         settings=GenerationSettings(temperature=args.temperature))
-    if grounded:
-        greedy = LocalBackend(model, tokenizer, GenerationSettings(temperature=0.0))
-        engine.backend, engine.grounded_min = GreedyToo(engine.backend, greedy), args.grounded_min
+                         settings=GenerationSettings(temperature=args.temperature, contrast=args.contrast))
+    engine.grounded_min = args.grounded_min if grounded else None
     engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
     return engine
 
 
 def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -> dict:
-    """The knowledge quiz of each variant asked for (serving's sampling, one seed)."""
+    """The knowledge quiz of each variant asked for (serving's sampling, seeds 0 to --seeds - 1:
+    `right` is their mean, `wrong` counts how many seeds missed each question)."""
     import contextlib
+    from collections import Counter
 
     import torch
 
@@ -186,13 +171,18 @@ def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -
     out = {}
     for key in args.variants.split(","):
         name, adapter, recall, grounded, answers = VARIANTS[key]
-        with contextlib.nullcontext() if adapter else model.disable_adapter():
-            engine = variant_engine(persona, model, tokenizer, index, embedder if recall else None, args,
-                                    grounded, answers)
-            torch.manual_seed(0)
-            result = asyncio.run(knowledge_quiz(engine, questions))
-        out[name] = {k: result[k] for k in ("asked", "right", "accuracy")}
-        out[name]["wrong"] = [a["question"] for a in result["answers"] if not a["right"]]
+        results = []
+        for seed in range(args.seeds):  # an engine per event loop: its backend's queue belongs to one
+            with contextlib.nullcontext() if adapter else model.disable_adapter():
+                engine = variant_engine(persona, model, tokenizer, index, embedder if recall else None, args,
+                                        grounded, answers)
+                torch.manual_seed(seed)
+                results.append(asyncio.run(knowledge_quiz(engine, questions)))
+        right = sum(r["right"] for r in results) / len(results)
+        out[name] = {"asked": len(questions), "right": right, "accuracy": round(right / len(questions), 3),
+                     "by_seed": [r["right"] for r in results],
+                     "wrong": dict(Counter(a["question"] for r in results for a in r["answers"]
+                                           if not a["right"]))}
         print(json.dumps({name: out[name]}), flush=True)
     return out
 
@@ -234,7 +224,23 @@ def calibration(persona: Persona, index_folder: Path, embedder, args) -> dict:
             fired = [{"message": t, "similarity": round(f.similarity, 3), "asked": f.item.asked}
                      for t, f in hits]
     return {"messages": len(messages), "margin": args.fact_answer_margin, "by_threshold": rates,
-            "fired_at_chosen": fired}
+            "fired_at_chosen": fired, "grounded": grounded_rates(messages, found, args)}
+
+
+def grounded_rates(messages: dict[str, str | None], found: list[list[Scored]], args) -> dict:
+    """How often grounded decoding would weigh a reply against its plain prompt, per threshold,
+    among ordinary incoming messages (a fact answer takes precedence where it fires); a sample
+    of those grounded at the chosen threshold, to be read."""
+    answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin)
+    rates, grounded = {}, []
+    for least in (0.45, 0.5, 0.55, 0.6, 0.65, 0.7):
+        hits = [(t, f) for t, f in zip(messages, found, strict=True)
+                if grounds(f, t, least) and fact_answer(f, t, answers) is None]
+        rates[str(least)] = {"grounded": len(hits), "rate": round(len(hits) / len(messages), 4)}
+        if least == args.grounded_min:
+            grounded = [{"message": t, "knowledge": next(k.item.text for k in f if k.kind != "exchange")}
+                        for t, f in hits[:: max(1, len(hits) // 20)]]
+    return {"by_threshold": rates, "sample_at_chosen": grounded}
 
 
 def told_statements(texts) -> list[str]:
@@ -377,8 +383,10 @@ def main() -> None:
     parser.add_argument("--variants", default="alone,grounded,answers,both,no-recall,base",
                         help=f"knowledge quiz variants, comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--temperature", type=float, default=0.8, help="serving's sampling temperature")
-    parser.add_argument("--grounded-min", type=float, default=0.6,
-                        help="grounded decoding: the best knowledge item's similarity at least this")
+    parser.add_argument("--grounded-min", type=float, default=GROUNDED_MIN,
+                        help="grounded decoding: a question, with a recalled knowledge item this similar")
+    parser.add_argument("--contrast", type=float, default=1.0, help="grounded decoding's weight")
+    parser.add_argument("--seeds", type=int, default=1, help="knowledge quiz: sampling seeds, averaged")
     parser.add_argument("--fact-answer-min", type=float, default=FactAnswers.min_similarity)
     parser.add_argument("--fact-answer-margin", type=float, default=FactAnswers.margin)
     parser.add_argument("--recall-answer-min", type=float, default=RecallAnswers.min_similarity)

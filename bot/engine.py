@@ -22,7 +22,16 @@ from typing import Protocol, runtime_checkable
 
 from bot.memory import ChannelKey, KeyedLocks, Memory, Turn
 from bot.postprocess import to_messages
-from bot.recall import Asked, FactAnswers, RecallAnswers, Recaller, Scored, fact_answer, recall_answer
+from bot.recall import (
+    Asked,
+    FactAnswers,
+    RecallAnswers,
+    Recaller,
+    Scored,
+    fact_answer,
+    grounds,
+    recall_answer,
+)
 from training.persona import Persona
 from training.prompt import (
     CHARS_PER_TOKEN,
@@ -33,6 +42,7 @@ from training.prompt import (
     keep_end,
     keep_end_within,
     prompt_tokens,
+    system_prompt,
     to_chat_messages,
 )
 
@@ -66,10 +76,12 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Grounded(Protocol):
-    """A backend that can also give its most likely turn (no sampling): used when the reply
-    should repeat a recalled fact rather than improvise around it."""
+    """A backend that can also decode a turn grounded in its recalled items: weighed against
+    `plain`, the same prompt without them (context-aware decoding). Used when a question's answer
+    is in the person's knowledge base and the reply should say it rather than improvise."""
 
-    async def generate_grounded(self, messages: list[dict[str, str]]) -> Generated | str: ...
+    async def generate_grounded(self, messages: list[dict[str, str]],
+                                plain: list[dict[str, str]]) -> Generated | str: ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ class Engine:
         recaller: Recaller | None = None,
         recall_tokens: int = RECALL_TOKENS,  # of prompt_tokens, at most, for recalled items
         fact_answers: FactAnswers | None = None,  # None: every reply is generated
-        grounded_min: float | None = None,  # a knowledge item this similar: decode without sampling
+        grounded_min: float | None = None,  # a question this near a knowledge item: grounded decoding
         recall_answers: RecallAnswers | None = None,  # None: a user's words are only shown to the model
     ) -> None:
         self.persona, self.backend, self.memory = persona, backend, memory
@@ -199,7 +211,7 @@ class Engine:
         """The person's own written answer when the message asks a knowledge-base question near
         certainly (a 135M model copies a recalled fact into its reply only a third of the time);
         the user's own earlier words told back when they ask about themselves as surely; else the
-        model's turn, without sampling when a knowledge item matches closely."""
+        model's turn, grounded in the recalled items when a question matches knowledge closely."""
         fact = fact_answer(found, incoming.text, self.fact_answers)
         if fact is not None:
             log.info("fact answer platform=%s channel=%s similarity=%.2f",
@@ -209,22 +221,24 @@ class Engine:
         if told is not None:
             log.info("recall answer platform=%s channel=%s", incoming.platform, incoming.channel)
             return Generated(told)
-        return await self._generate(prompt, incoming, self._grounded(found))
+        plain = self._plain(prompt) if self._grounded(found, incoming.text) else None
+        return await self._generate(prompt, incoming, plain)
 
-    def _grounded(self, found: list[Scored]) -> bool:
-        """Whether the best item is the person's knowledge (a fact or a note), at least
-        `grounded_min` similar, and the backend can decode without sampling."""
-        if self.grounded_min is None or not found or not isinstance(self.backend, Grounded):
-            return False
-        return found[0].kind in ("fact", "note") and found[0].similarity >= self.grounded_min
+    def _grounded(self, found: list[Scored], text: str) -> bool:
+        return isinstance(self.backend, Grounded) and grounds(found, text, self.grounded_min)
+
+    def _plain(self, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`prompt` with a system prompt that lists no recalled items: what grounding weighs against."""
+        return [{"role": "system", "content": system_prompt(self.persona)}, *prompt[1:]]
 
     async def _generate(self, messages: list[dict[str, str]], incoming: Incoming,
-                        grounded: bool = False) -> Generated | str:
-        """The model's turn, or the apology to send instead when the backend cannot answer."""
+                        plain: list[dict[str, str]] | None = None) -> Generated | str:
+        """The model's turn (grounded against `plain`, when given), or the apology to send
+        instead when the backend cannot answer."""
         where = f"{incoming.platform}/{incoming.channel}"
         try:
-            if grounded:
-                raw = await self.backend.generate_grounded(messages)  # type: ignore[attr-defined]
+            if plain is not None:
+                raw = await self.backend.generate_grounded(messages, plain)  # type: ignore[attr-defined]
             else:
                 raw = await self.backend.generate(messages)
         except Busy:

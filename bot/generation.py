@@ -55,12 +55,17 @@ class GenerationSettings:
     # is bound by memory, but 8 prompts to read and 8 rows a step are arithmetic that more cores
     # share (benchmarks/serve_speed.py, the 8-channel column).
     batch_threads: int | None = field(default_factory=lambda: os.cpu_count())
+    # Grounded replies (generate_grounded): how far each step is pushed away from what the model
+    # would say without the recalled items (training.generate.RecallContrast). 1.0 is the paper's
+    # weight; 2 and 3 made the sample's clone copy the recall list's "- Q:" markup.
+    contrast: float = 1.0
 
 
 @dataclass
 class _Request:
     messages: list[dict[str, str]]
     future: asyncio.Future = field(repr=False)
+    plain: list[dict[str, str]] | None = None  # grounded: the prompt without its recalled items
 
 
 def serving_threads(cores: int | None = None) -> int:
@@ -259,10 +264,19 @@ class LocalBackend:
 
     async def generate(self, messages: list[dict[str, str]]) -> Generated:
         """The model's next turn after `messages` (raw text: post-processing is the engine's)."""
+        return await self._queued(messages, None)
+
+    async def generate_grounded(self, messages: list[dict[str, str]],
+                                plain: list[dict[str, str]]) -> Generated:
+        """The next turn decoded against `plain`, the same prompt without its recalled items
+        (training.generate.RecallContrast): what the items add is weighed more."""
+        return await self._queued(messages, plain)
+
+    async def _queued(self, messages: list[dict[str, str]], plain: list[dict[str, str]] | None) -> Generated:
         if self._queue is None:
             self._queue = asyncio.Queue(self.settings.max_queue)
             self._worker = asyncio.create_task(self._run())
-        request = _Request(messages, asyncio.get_running_loop().create_future())
+        request = _Request(messages, asyncio.get_running_loop().create_future(), plain)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -276,7 +290,9 @@ class LocalBackend:
             while len(batch) < self.settings.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                texts = await asyncio.to_thread(self.generate_batch, [r.messages for r in batch])
+                conversations, plain = [r.messages for r in batch], [r.plain for r in batch]
+                texts = await (asyncio.to_thread(self.generate_batch, conversations, plain) if any(plain)
+                               else asyncio.to_thread(self.generate_batch, conversations))
             except Exception as e:  # one bad batch must not kill the worker
                 log.exception("Generation failed for a batch of %d", len(batch))
                 for r in batch:
@@ -291,8 +307,10 @@ class LocalBackend:
         """Serve another model from the next batch on; the batch in flight finishes on the old one."""
         self.model, self.tokenizer = model.eval(), tokenizer
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]]) -> list[Generated]:
-        """One batch through the model; message text can never become a template token."""
+    def generate_batch(self, conversations: list[list[dict[str, str]]],
+                       plain: list[list[dict[str, str]] | None] | None = None) -> list[Generated]:
+        """One batch through the model; message text can never become a template token. `plain`:
+        the rows to ground (generate_grounded), by their prompts without recalled items."""
         s = self.settings
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
         threads = s.batch_threads if len(conversations) > 1 and s.batch_threads else s.threads
@@ -300,7 +318,8 @@ class LocalBackend:
             torch.set_num_threads(threads)  # process-wide: the recall embedder follows it too
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty)
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (),
+            contrast=s.contrast)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

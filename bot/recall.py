@@ -85,6 +85,20 @@ def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Sco
     return best if len(found) < 2 or best.score - found[1].score >= rule.margin else None
 
 
+# Grounded decoding from this similarity on (CLONE_GROUNDED_MIN). Calibrated on the sample's
+# ordinary incoming messages and measured on its knowledge quiz (figures in benchmarks/README.md).
+GROUNDED_MIN = 0.6
+
+
+def grounds(found: list[Scored], text: str, least: float | None) -> bool:
+    """Whether a reply to `text` is decoded grounded in its recalled items (Engine, and
+    training.generate.RecallContrast): it is a question, and one of the items a prompt can show
+    is the person's knowledge (a fact or a note) at least `least` similar. None: never."""
+    if least is None or not is_question(text):
+        return False
+    return any(f.kind in ("fact", "note") and f.similarity >= least for f in found[:RECALL_ITEMS])
+
+
 @dataclass(frozen=True)
 class RecallAnswers:
     """When a user asks about themselves ("what's my dog's name?") and their own earlier words

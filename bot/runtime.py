@@ -18,7 +18,7 @@ from typing import Any
 from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
-from bot.recall import FactAnswers, RecallAnswers, Recaller
+from bot.recall import GROUNDED_MIN, FactAnswers, RecallAnswers, Recaller
 from training.persona import Persona
 
 
@@ -108,6 +108,7 @@ class RecallChoice:
     longterm_file: Path | None = None  # without Redis; default: the persona folder's longterm.json
     fact_answers: FactAnswers | None = field(default_factory=FactAnswers)  # None: always generate
     recall_answers: RecallAnswers | None = field(default_factory=RecallAnswers)  # None: always generate
+    grounded_min: float | None = GROUNDED_MIN  # a question this near knowledge: grounded decoding
 
 
 def index_folder(persona: Persona, version: str | None) -> Path | None:
@@ -154,5 +155,5 @@ def build_runtime(
     recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
     facts, told = (recall.fact_answers, recall.recall_answers) if recaller is not None else (None, None)
     engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=facts,
-                    recall_answers=told)
+                    recall_answers=told, grounded_min=recall.grounded_min if recaller is not None else None)
     return Runtime(engine, backend, memory, gate, redis, what, recaller)

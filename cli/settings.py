@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot.recall import GROUNDED_MIN
 from bot.serve import PlatformSettings, SettingsError
 
 # What a secret may look like, and the line that says so (never the value). The libraries paste
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     clone_fact_answer_min: float | None = Field(0.7, gt=0, le=1, description="fact answer threshold")
     # A user asking about themselves this close to something they said gets their words told back.
     clone_recall_answer_min: float | None = Field(0.45, gt=0, le=1, description="recall answer threshold")
+    # A question this similar to a recalled knowledge item is answered by grounded decoding: the
+    # reply weighed against what the clone would say without its recalled items.
+    clone_grounded_min: float | None = Field(GROUNDED_MIN, gt=0, le=1, description="grounded decoding from")
     # Well under the platforms' SIGKILL (Fly 5 s by default, Heroku 30 s): what is not answered by
     # then is left to the next process.
     clone_stop_grace_s: float = Field(8.0, ge=0, le=300, description="SIGTERM: time to finish replies")
@@ -97,7 +101,7 @@ class Settings(BaseSettings):
     def _home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
-    @field_validator("clone_fact_answer_min", "clone_recall_answer_min", mode="before")
+    @field_validator("clone_fact_answer_min", "clone_recall_answer_min", "clone_grounded_min", mode="before")
     @classmethod
     def _off(cls, value: object) -> object:
         return None if str(value).strip().casefold() in ("off", "none", "false") else value

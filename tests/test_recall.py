@@ -20,6 +20,7 @@ from bot.quiz import Question, knowledge_quiz, quiz_engine
 from training.config import PrepareConfig
 from training.persona import Persona
 from training.prepare import prepare
+from training.prompt import RECALL_HEADER
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS = "redis://127.0.0.1:6379/0"
@@ -296,17 +297,20 @@ def test_no_fact_answer_when_unrelated_below_threshold_or_margin_or_off(known, m
 
 
 class Steered:
-    """A backend that says which way it was asked: sampling, or grounded (no sampling)."""
+    """A backend that says which way it was asked: sampling, or grounded (against the prompt
+    without its recalled items, which it keeps)."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.grounded: list[tuple[list, list]] = []
 
     async def generate(self, messages):
         self.calls.append("sampled")
         return "ok"
 
-    async def generate_grounded(self, messages):
+    async def generate_grounded(self, messages, plain):
         self.calls.append("grounded")
+        self.grounded.append((messages, plain))
         return "ok"
 
     async def close(self) -> None:
@@ -321,11 +325,16 @@ def test_grounded_decoding_when_a_knowledge_item_scores_high(known, model, embed
     async def go() -> None:
         await engine.handle(said("what's your dog called?", channel="g1"))
         await engine.handle(said("did you watch the game last night?", channel="g2"))
+        await engine.handle(said("my dog is called Rex", channel="g3"))  # not a question
         engine.grounded_min = None  # off
-        await engine.handle(said("what's your dog called?", channel="g3"))
+        await engine.handle(said("what's your dog called?", channel="g4"))
 
     asyncio.run(go())
-    assert steered.calls == ["grounded", "sampled", "sampled"]
+    assert steered.calls == ["grounded", "sampled", "sampled", "sampled"]
+    [(messages, plain)] = steered.grounded
+    assert RECALL_HEADER in messages[0]["content"] and RECALL_HEADER not in plain[0]["content"]
+    assert plain[0]["content"] == messages[0]["content"].split("\n\n" + RECALL_HEADER)[0]
+    assert plain[1:] == messages[1:]  # the same conversation: only the recalled items differ
 
 
 def test_the_fact_answer_setting(monkeypatch):
@@ -337,6 +346,18 @@ def test_the_fact_answer_setting(monkeypatch):
     assert Settings(_env_file=None).clone_fact_answer_min == 0.8
     monkeypatch.delenv("CLONE_FACT_ANSWER_MIN")
     assert Settings(_env_file=None).clone_fact_answer_min == 0.7
+
+
+def test_the_grounded_decoding_setting(monkeypatch):
+    from bot.recall import GROUNDED_MIN
+    from bot.runtime import RecallChoice
+    from cli.settings import Settings
+
+    assert Settings(_env_file=None).clone_grounded_min == GROUNDED_MIN == RecallChoice().grounded_min
+    monkeypatch.setenv("CLONE_GROUNDED_MIN", "off")
+    assert Settings(_env_file=None).clone_grounded_min is None
+    monkeypatch.setenv("CLONE_GROUNDED_MIN", "0.65")
+    assert Settings(_env_file=None).clone_grounded_min == 0.65
 
 
 # -- a user's own earlier words told back when they ask about themselves ------------------------

@@ -1,0 +1,87 @@
+"""Grounded decoding (training.generate.RecallContrast): a reply weighed against the same prompt
+without its recalled items. On the tiny random model, meaning cannot be tested; what can be is
+that the contrast machinery is exact (against an identical prompt it changes nothing, whatever
+the padding of the batch), that it pushes the way the recalled items point, only on the rows
+asked, and that the serving backend's queue carries it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from bot.generation import GenerationSettings, LocalBackend
+from training.base_model import load_model, resolve_base
+from training.encode import encode
+from training.generate import generate_turns
+from training.prompt import RECALL_HEADER, Recalled, recall_block
+
+SYSTEM = "You are Sam. Reply the way Sam texts."
+FACT = recall_block([Recalled("A golden retriever named Copper", asked="Do you have any pets?")])
+CHATS = [
+    [{"role": "system", "content": SYSTEM + FACT}, {"role": "user", "content": "got a dog?"}],
+    [{"role": "system", "content": SYSTEM},
+     {"role": "user", "content": "a much longer message than the other one, so that rows are padded"}],
+]
+PLAIN = [{"role": "system", "content": SYSTEM}, CHATS[0][1]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base):
+    return load_model(resolve_base(str(tiny_base))).eval()
+
+
+def greedy(model, tokenizer, plain=(), contrast=1.0, tokens=8) -> list[str]:
+    turns = generate_turns(model, tokenizer, CHATS, max_new_tokens=tokens, temperature=0, plain=plain,
+                           contrast=contrast)
+    return [text for text, _ in turns]
+
+
+def test_against_the_same_prompt_the_contrast_changes_nothing(model, tokenizer):
+    # A weight this large turns any error in the side run's positions, mask or cache into other tokens.
+    ordinary = greedy(model, tokenizer)
+    assert greedy(model, tokenizer, plain=[CHATS[0], None], contrast=50.0) == ordinary
+    assert greedy(model, tokenizer, plain=[None, CHATS[1]], contrast=50.0) == ordinary
+    assert greedy(model, tokenizer, plain=CHATS, contrast=50.0) == ordinary
+
+
+def first_logprobs(model, tokenizer, messages) -> torch.Tensor:
+    ids = encode(messages, tokenizer, add_generation_prompt=True).input_ids
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+
+
+def test_it_pushes_toward_what_the_recalled_items_add_and_only_on_its_rows(model, tokenizer):
+    told, untold = first_logprobs(model, tokenizer, CHATS[0]), first_logprobs(model, tokenizer, PLAIN)
+    added = int(torch.argmax(told - untold))  # the token the recalled fact makes likelier the most
+    assert int(torch.argmax(told)) != added  # else the test could not tell
+    first = generate_turns(model, tokenizer, CHATS, max_new_tokens=1, temperature=0, plain=[PLAIN, None],
+                           contrast=50.0)
+    assert tokenizer.encode(first[0][0], add_special_tokens=False) == [added]
+    assert first[1][0] == greedy(model, tokenizer, tokens=1)[1]  # the other row decodes as ever
+    assert greedy(model, tokenizer, plain=[PLAIN, None], contrast=0.0) == greedy(model, tokenizer)
+
+
+def test_the_serving_queue_carries_grounded_requests(model, tokenizer):
+    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=4, temperature=0))
+    seen: list = []
+    real = backend.generate_batch
+
+    def spy(conversations, plain=None):
+        seen.append(plain)
+        return real(conversations, plain)
+
+    backend.generate_batch = spy
+
+    async def both():
+        try:
+            return await asyncio.gather(backend.generate_grounded(CHATS[0], PLAIN),
+                                        backend.generate(CHATS[1]))
+        finally:
+            await backend.close()
+
+    grounded, ordinary = asyncio.run(both())
+    assert grounded.text and ordinary.text is not None
+    rows = [p for batch in seen for p in (batch or [None])]
+    assert PLAIN in rows and RECALL_HEADER not in PLAIN[0]["content"]
