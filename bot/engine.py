@@ -221,7 +221,10 @@ class Engine:
         if told is not None:
             log.info("recall answer platform=%s channel=%s", incoming.platform, incoming.channel)
             return Generated(told)
-        plain = self._plain(prompt) if self._grounded(found, incoming.text) else None
+        plain = None
+        if self._grounded(found, incoming.text):
+            log.info("grounded reply platform=%s channel=%s", incoming.platform, incoming.channel)
+            plain = self._plain(prompt)
         return await self._generate(prompt, incoming, plain)
 
     def _grounded(self, found: list[Scored], text: str) -> bool:
