@@ -69,6 +69,23 @@ def hide_tokens_from_logs() -> None:
     logging.getLogger("telegram").setLevel(logging.INFO)
     # It logs an answer that is not JSON whole, with a traceback; the caller gets the error anyway.
     logging.getLogger("telegram.request.BaseRequest").setLevel(logging.CRITICAL)
+    # At shutdown the Updater confirms what it fetched with one last getUpdates, and logs a failed
+    # one (a timeout on a busy machine) with a traceback; the next process confirms it anyway.
+    updater = logging.getLogger("telegram.ext.Updater")
+    if not any(isinstance(f, _OneLineNetworkErrors) for f in updater.filters):
+        updater.addFilter(_OneLineNetworkErrors())
+
+
+class _OneLineNetworkErrors(logging.Filter):
+    """A Telegram network error logged with its traceback becomes one line naming its class."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, NetworkError):
+            record.msg, record.args = "%s (%s)", (record.getMessage(), type(error).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def build_application(

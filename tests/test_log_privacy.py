@@ -184,3 +184,36 @@ def test_the_owners_correct_on_discord(tmp_path, count_tokens, monkeypatch, ever
     assert PLANTED in (tmp_path / "sam" / "corrections.jsonl").read_text()
     assert any("command=/correct" in r.getMessage() for r in everything.records)
     assert_not_logged(everything.records, everything.text, *capfd.readouterr())
+
+
+def test_a_telegram_network_error_at_shutdown_is_one_line():
+    """PTB's Updater logs a failed last getUpdates with a traceback (a timeout on a busy machine);
+    it becomes one warning naming the error's class."""
+    import io
+
+    from telegram.error import TimedOut
+
+    from bot.telegram import hide_tokens_from_logs
+
+    hide_tokens_from_logs()
+    hide_tokens_from_logs()  # twice, as two bots in one process would: one filter
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    updater = logging.getLogger("telegram.ext.Updater")
+    updater.addHandler(handler)
+    try:
+        try:
+            raise TimedOut()
+        except TimedOut:
+            updater.exception("Error while calling `get_updates` one more time")
+        try:
+            raise ValueError("not a network error")
+        except ValueError:
+            updater.exception("something else")
+    finally:
+        updater.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "WARNING Error while calling `get_updates` one more time (TimedOut)"
+    assert "Traceback" in out.getvalue().split("something else")[1]  # other errors keep theirs
+    assert len(updater.filters) == 1
