@@ -12,7 +12,7 @@ from cli.options import HelpFormatter, add_config_options, add_persona_option, c
 from cli.settings import load_settings
 from training.config import PrepareConfig
 from training.message import ImportReport
-from training.persona import PERSONAS, create_persona
+from training.persona import PERSONAS, create_persona, names_a_path
 from training.prepare import ImportTally, Outcome
 
 PREPARE_FIELDS = ["gap_minutes", "max_tokens", "val_fraction", "seed"]
@@ -44,15 +44,16 @@ def print_summary(tally: ImportTally, report: ImportReport, top: int = 15) -> No
 def cmd_init(args: argparse.Namespace) -> None:
     """A new persona folder: persona.toml, exports/ (with copies of the given exports)."""
     settings = load_settings(Path(".env"))
-    given = Path(args.folder)
-    folder = given if len(given.parts) > 1 else (settings.clone_personas or PERSONAS) / args.folder
+    given = Path(args.folder).expanduser()
+    folder = given if names_a_path(args.folder) else (settings.clone_personas or PERSONAS) / args.folder
     persona = create_persona(folder, args.name or folder.name, args.me or [], args.description or "",
                              args.exports)
     print(f"Created persona {persona.name} [{persona.id}] in {shown(folder)} "
           f"({len(args.exports or [])} export(s) copied)")
     hint = "" if args.me else ("; set `me` in persona.toml (`clone import` lists who is who), "
                                "unless the persona's name is yours in the chats")
-    print(f"Next: `clone prepare --persona {folder.name}`{hint}")
+    again = args.folder if names_a_path(args.folder) else folder.name
+    print(f"Next: `clone prepare --persona {again}`{hint}")
 
 
 # -- clone import -----------------------------------------------------------------------------

@@ -240,3 +240,14 @@ def test_license_matches_the_package_metadata():
     assert text.startswith("MIT License") and "Permission is hereby granted" in text
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["license"] == {"text": "MIT"}
+
+
+def test_a_dot_slash_folder_is_that_folder_not_a_name(personas, capsys):
+    # pathlib reads "./jo" as "jo": init and --persona must still take it as the folder here.
+    code, out, _ = run(["init", "./jo", "--name", "Jo"], capsys)
+    assert code == 0 and (Path.cwd() / "jo" / "persona.toml").is_file()
+    assert not (personas / "jo").exists() and "--persona ./jo" in out
+    code, out, _ = run(["adapters", "--persona", "./jo"], capsys)
+    assert code == 0 and "Persona Jo [jo]" in out
+    code, _, err = run(["adapters", "--persona", "./nobody"], capsys)
+    assert code != 0 and "nobody" in err

@@ -129,6 +129,12 @@ def is_sample(folder: Path) -> bool:
     return folder.resolve() == SAMPLE.resolve()
 
 
+def names_a_path(text: str) -> bool:
+    """Whether a persona argument is a path ("./jo", "~/jo", "a/jo") rather than a name ("jo"):
+    pathlib drops a leading "./", so the text itself is looked at."""
+    return len(Path(text).parts) > 1 or text.startswith(("./", ".\\", "~")) or text in (".", "..")
+
+
 def choose_persona(given: str | None, root: Path | None = None) -> tuple[Path, str | None]:
     """The persona folder a command works on, and a notice when it fell back to the sample.
 
@@ -139,7 +145,7 @@ def choose_persona(given: str | None, root: Path | None = None) -> tuple[Path, s
     root = root or PERSONAS
     if given:
         path = Path(given).expanduser()
-        if path.is_dir() or path.exists() or len(path.parts) > 1:
+        if path.is_dir() or path.exists() or names_a_path(given):
             return path, None
         for candidate in (root / given, PERSONAS / given):
             if candidate.is_dir():
