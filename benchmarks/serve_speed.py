@@ -78,7 +78,7 @@ from bot.generation import (  # noqa: E402
 from training import adapters  # noqa: E402
 from training.base_model import load_model, load_tokenizer, resolve_base  # noqa: E402
 from training.encode import encode, load_jsonl  # noqa: E402
-from training.prompt import CONTRACT_VERSION, RECALL_HEADER, turn_text  # noqa: E402
+from training.prompt import CONTRACT_VERSION, turn_text, without_recall  # noqa: E402
 
 TARGET_RATIO = 0.5   # per-reply time of the serving path / bare fp32 generate, same length
 TARGET_P50_S = 2.0   # one reply, as served
@@ -421,8 +421,7 @@ def quantize_int8(model):
 def fixed_prefix(prompts: list[list[dict]], tokenizer) -> int:
     """Tokens every prompt shares at its start (the system prompt before the recalled items):
     what a cached key/value prefix could skip."""
-    system = prompts[0][0]["content"].split("\n\n" + RECALL_HEADER)[0]
-    return len(encode([{"role": "system", "content": system}], tokenizer).input_ids)
+    return len(encode(without_recall(prompts[0])[:1], tokenizer).input_ids)
 
 
 def run(args, data: Path, root: Path, version: str) -> dict:

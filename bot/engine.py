@@ -42,8 +42,8 @@ from training.prompt import (
     keep_end,
     keep_end_within,
     prompt_tokens,
-    system_prompt,
     to_chat_messages,
+    without_recall,
 )
 
 log = logging.getLogger(__name__)
@@ -224,15 +224,11 @@ class Engine:
         plain = None
         if self._grounded(found, incoming.text):
             log.info("grounded reply platform=%s channel=%s", incoming.platform, incoming.channel)
-            plain = self._plain(prompt)
+            plain = without_recall(prompt)
         return await self._generate(prompt, incoming, plain)
 
     def _grounded(self, found: list[Scored], text: str) -> bool:
         return isinstance(self.backend, Grounded) and grounds(found, text, self.grounded_min)
-
-    def _plain(self, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
-        """`prompt` with a system prompt that lists no recalled items: what grounding weighs against."""
-        return [{"role": "system", "content": system_prompt(self.persona)}, *prompt[1:]]
 
     async def _generate(self, messages: list[dict[str, str]], incoming: Incoming,
                         plain: list[dict[str, str]] | None = None) -> Generated | str:

@@ -290,9 +290,9 @@ class LocalBackend:
             while len(batch) < self.settings.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                conversations, plain = [r.messages for r in batch], [r.plain for r in batch]
-                texts = await (asyncio.to_thread(self.generate_batch, conversations, plain) if any(plain)
-                               else asyncio.to_thread(self.generate_batch, conversations))
+                plain = [r.plain for r in batch]
+                grounding = (plain,) if any(plain) else ()
+                texts = await asyncio.to_thread(self.generate_batch, [r.messages for r in batch], *grounding)
             except Exception as e:  # one bad batch must not kill the worker
                 log.exception("Generation failed for a batch of %d", len(batch))
                 for r in batch:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from training import adapters
 from training.encode import IGNORE, encode, load_jsonl
 from training.generate import generate_turns
-from training.prompt import RECALL_HEADER, turn_text
+from training.prompt import turn_text, without_recall
 from training.report import verdict, write_report
 from training.style import compare_style
 from training.train import mean_nll
@@ -79,12 +79,6 @@ def generate(model, tokenizer, contexts: list[list[dict]], max_new_tokens: int, 
 
 def context_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages[1:])
-
-
-def without_recall(messages: list[dict]) -> list[dict]:
-    """The sample as a clone without recall sees it: the system prompt's recalled items gone."""
-    system = messages[0]["content"].split("\n\n" + RECALL_HEADER)[0]
-    return [{"role": "system", "content": system}, *messages[1:]]
 
 
 def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[dict[str, float], int]:

@@ -82,25 +82,24 @@ class RecallContrast(LogitsProcessor):
     own cache. Sampling's temperature and top-p apply after it; repetition penalty before."""
 
     def __init__(self, model, rows: list[int], plain: list[list[int]], pad: int, weight: float = 1.0) -> None:
-        self.model, self.rows, self.weight = model, torch.tensor(rows), weight
-        self.ids, self.mask = left_padded(plain, pad)
+        device = next(model.parameters()).device
+        self.model, self.weight = model, weight
+        self.rows = torch.tensor(rows, device=device)
+        self.ids, self.mask = (t.to(device) for t in left_padded(plain, pad))
         self.cache = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        device = scores.device
         if self.cache is None:  # the first step reads the plain prompts whole
             ids = self.ids
         else:  # then each step the token the batch just took
-            ids = input_ids[self.rows.to(device), -1:].cpu()
+            ids = input_ids[self.rows, -1:]
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids.to(device), attention_mask=self.mask.to(device),
-                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
-                         **{_CACHE: self.cache})
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{_CACHE: self.cache})
         self.cache = getattr(out, _CACHE)
-        rows = self.rows.to(device)
-        told = torch.log_softmax(scores[rows].float(), dim=-1)
+        told = torch.log_softmax(scores[self.rows].float(), dim=-1)
         untold = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         scores = scores.clone()
-        scores[rows] = (told + self.weight * (told - untold)).to(scores.dtype)
+        scores[self.rows] = (told + self.weight * (told - untold)).to(scores.dtype)
         return scores

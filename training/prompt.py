@@ -67,6 +67,13 @@ def recall_block(recalled: Sequence[Recalled]) -> str:
     return "\n\n" + RECALL_HEADER + "\n" + "\n".join(r.line() for r in recalled)
 
 
+def without_recall(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Chat messages as a clone without recall sees them: the system prompt's recalled items gone,
+    the conversation as it was."""
+    system = messages[0]["content"].split("\n\n" + RECALL_HEADER)[0]
+    return [{"role": "system", "content": system}, *messages[1:]]
+
+
 def fit_recalled(
     best_first: Sequence[Recalled], count_tokens: Callable[[str], int], budget: int = RECALL_TOKENS,
     most: int = RECALL_ITEMS,
