@@ -8,7 +8,8 @@ its users? Issue 12's measures, in one run, with their baselines beside them.
 
 Issue 12's levers, each beside the model alone: `grounded` (a question with a knowledge item at
 least --grounded-min similar among those recalled is decoded against the prompt without them,
-weight --contrast: training.generate.RecallContrast), `answers` (the person's own answer
+weight --contrast: training.generate.RecallContrast; --candidates such replies are sampled and
+the one nearest in meaning to that knowledge is sent), `answers` (the person's own answer
 when the message asks a knowledge-base question at --fact-answer-min or more), `both`. The
 fact-answer threshold is calibrated on ordinary messages, never on the evaluation questions:
 `calibration` counts how often each threshold fires on the incoming messages of the persona's
@@ -18,6 +19,7 @@ own training and validation conversations (each searched without its own convers
    (the budget `clone start` uses), unless --persona names one already trained;
 2. knowledge accuracy: the persona's eval_questions.csv (paraphrases kept out of its knowledge
    base), asked through the engine: adapter with recall, adapter without, base model with;
+   cost: seconds per grounded reply, one candidate against --candidates;
 3. retrieval gain (held-out perplexity without recalled items / with) and context gain
    (wrong conversation / true), adapter and base model;
 4. long-term recall: 30 users each tell the clone a fact, the window is cleared (/reset, or 100
@@ -39,9 +41,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bot.engine import Incoming  # noqa: E402
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
 from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
 from bot.recall import (  # noqa: E402
+    GROUNDED_CANDIDATES,
     GROUNDED_MIN,
     FactAnswers,
     RecallAnswers,
@@ -136,25 +140,27 @@ class Seeing:
         await self.inner.close()
 
 
-# name: (adapter, recall, grounded decoding, fact answers)
+# name: (adapter, recall, grounded decoding's candidates (0: off, None: --candidates), fact answers)
 VARIANTS = {
-    "alone": ("adapter, recall", True, True, False, False),
-    "grounded": ("adapter, recall, grounded decoding", True, True, True, False),
-    "answers": ("adapter, recall, fact answers", True, True, False, True),
-    "both": ("adapter, recall, fact answers + grounded decoding", True, True, True, True),
-    "no-recall": ("adapter, no recall", True, False, False, False),
-    "base": ("base model, recall", False, True, False, False),
-    "base-both": ("base model, recall, fact answers + grounded decoding", False, True, True, True),
+    "alone": ("adapter, recall", True, True, 0, False),
+    "grounded": ("adapter, recall, grounded decoding", True, True, None, False),
+    "answers": ("adapter, recall, fact answers", True, True, 0, True),
+    "both-one": ("adapter, recall, fact answers + grounded decoding, one candidate", True, True, 1, True),
+    "both": ("adapter, recall, fact answers + grounded decoding", True, True, None, True),
+    "no-recall": ("adapter, no recall", True, False, 0, False),
+    "base": ("base model, recall", False, True, 0, False),
+    "base-both": ("base model, recall, fact answers + grounded decoding", False, True, None, True),
 }
 
 
-def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, args, grounded: bool,
+def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, args, grounded: int | None,
                    answers: bool):
     from bot.generation import GenerationSettings
 
     engine = quiz_engine(persona, model, tokenizer, index, embedder,
                          settings=GenerationSettings(temperature=args.temperature, contrast=args.contrast))
-    engine.grounded_min = args.grounded_min if grounded else None
+    engine.grounded_min = args.grounded_min if grounded != 0 else None
+    engine.grounded_candidates = grounded or args.candidates
     engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
     return engine
 
@@ -185,6 +191,40 @@ def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -
                                            if not a["right"]))}
         print(json.dumps({name: out[name]}), flush=True)
     return out
+
+
+def grounded_cost(persona: Persona, model, tokenizer, index: Path, embedder, args) -> dict:
+    """Seconds per grounded reply, one question at a time (the quiz questions that ground and get
+    no fact answer): one candidate against --candidates, alternating round by round."""
+    import statistics
+
+    from training.index import MIN_SCORE, RECALL_ITEMS, PersonaIndex
+
+    found = PersonaIndex.load(index, embedder.name)
+    answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin)
+    texts = [q.text for q in read_questions(persona.root / "eval_questions.csv")]
+    hits = [scored(found.search(v, RECALL_ITEMS, MIN_SCORE)) for v in embedder.embed(texts)]
+    asked = [t for t, f in zip(texts, hits, strict=True)
+             if grounds(f, t, args.grounded_min) and fact_answer(f, t, answers) is None]
+    times: dict[int, list[float]] = {1: [], args.candidates: []}
+
+    async def one_by_one(engine) -> list[float]:
+        took = []
+        for i, text in enumerate(asked):
+            started = time.perf_counter()
+            await engine.handle(Incoming("quiz", f"cost{i}", "cost-user", "Alex", text))
+            took.append(time.perf_counter() - started)
+        await engine.backend.close()
+        return took
+
+    for _ in range(args.cost_rounds):
+        for n in times:
+            engine = variant_engine(persona, model, tokenizer, index, embedder, args, n, True)
+            times[n] += asyncio.run(one_by_one(engine))
+    p50 = {n: statistics.median(t) for n, t in times.items()}
+    return {"questions": len(asked), "rounds": args.cost_rounds,
+            "p50_s": {str(n): round(s, 2) for n, s in p50.items()},
+            "ratio": round(p50[args.candidates] / p50[1], 2)}
 
 
 def incoming_messages(persona: Persona) -> dict[str, str | None]:
@@ -339,6 +379,7 @@ def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longt
         *_, grounded, answers = VARIANTS[args.longterm_variant]
         served = variant_engine(persona, model, tokenizer, index, embedder, args, grounded, answers)
         engine.backend, engine.grounded_min = served.backend, served.grounded_min
+        engine.grounded_candidates = served.grounded_candidates
         engine.fact_answers = served.fact_answers
     engine.persona = dataclasses.replace(persona, id=f"bench-{uuid.uuid4().hex[:8]}")  # keys of its own
     engine.recaller.persona_id = engine.persona.id
@@ -378,14 +419,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", type=Path, help="train the copy in this existing folder and keep it")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: calibration, recall_calibration, knowledge, perplexity, "
-                             "longterm")
+                        help="comma-separated: calibration, recall_calibration, knowledge, cost, "
+                             "perplexity, longterm")
     parser.add_argument("--variants", default="alone,grounded,answers,both,no-recall,base",
                         help=f"knowledge quiz variants, comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--temperature", type=float, default=0.8, help="serving's sampling temperature")
     parser.add_argument("--grounded-min", type=float, default=GROUNDED_MIN,
                         help="grounded decoding: a question, with a recalled knowledge item this similar")
     parser.add_argument("--contrast", type=float, default=1.0, help="grounded decoding's weight")
+    parser.add_argument("--candidates", type=int, default=GROUNDED_CANDIDATES,
+                        help="grounded replies sampled; the one nearest the knowledge is sent")
+    parser.add_argument("--cost-rounds", type=int, default=2, help="cost: rounds of the questions")
     parser.add_argument("--seeds", type=int, default=1, help="knowledge quiz: sampling seeds, averaged")
     parser.add_argument("--fact-answer-min", type=float, default=FactAnswers.min_similarity)
     parser.add_argument("--fact-answer-margin", type=float, default=FactAnswers.margin)
@@ -406,7 +450,7 @@ def main() -> None:
         skip = set(args.skip.split(","))
         model = tokenizer = None
         figures = dict(build)
-        if not {"knowledge", "perplexity", "longterm"} <= skip:  # calibrations alone need no model
+        if not {"knowledge", "cost", "perplexity", "longterm"} <= skip:  # calibrations alone need no model
             model, tokenizer, manifest = adapters.load(persona.adapters)
             figures.update(adapter=manifest["version"], steps=manifest["metrics"]["steps"])
         index, embedder = index_folder(persona, None), Embedder()
@@ -414,6 +458,7 @@ def main() -> None:
         for name, measure in (("calibration", lambda: calibration(persona, index, embedder, args)),
                               ("recall_calibration", lambda: recall_calibration(persona, embedder, args)),
                               ("knowledge", lambda: knowledge(*parts, args)),
+                              ("cost", lambda: grounded_cost(*parts, args)),
                               ("perplexity", lambda: perplexity(persona, model, tokenizer)),
                               ("longterm", lambda: longterm(*parts, args))):
             if name in skip:

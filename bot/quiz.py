@@ -22,7 +22,15 @@ from bot.engine import Engine, Incoming
 from bot.generation import GenerationSettings
 from bot.longterm import EmbeddedLongTerm, LongTerm
 from bot.memory import EmbeddedMemory, Turn
-from bot.recall import GROUNDED_MIN, Asked, FactAnswers, IndexFollower, RecallAnswers, Recaller
+from bot.recall import (
+    GROUNDED_CANDIDATES,
+    GROUNDED_MIN,
+    Asked,
+    FactAnswers,
+    IndexFollower,
+    RecallAnswers,
+    Recaller,
+)
 from training.index import TextEmbedder
 from training.persona import Persona
 
@@ -136,8 +144,8 @@ def quiz_engine(persona: Persona, model, tokenizer, index: Path | None, embedder
         follower = IndexFollower(index, embedder.name) if index else None
         recaller = Recaller(persona.id, embedder, follower, longterm or EmbeddedLongTerm(None),
                             persona.blocklist)
-    rules = ({"fact_answers": FactAnswers(), "recall_answers": RecallAnswers(), "grounded_min": GROUNDED_MIN}
-             if recaller and answers else {})
+    rules = ({"fact_answers": FactAnswers(), "recall_answers": RecallAnswers(), "grounded_min": GROUNDED_MIN,
+              "grounded_candidates": GROUNDED_CANDIDATES} if recaller and answers else {})
     return Engine(persona, LocalBackend(model, tokenizer, settings), EmbeddedMemory(None, count_tokens=count),
                   count, recaller=recaller, **rules)
 

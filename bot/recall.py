@@ -88,15 +88,28 @@ def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Sco
 # Grounded decoding from this similarity on (CLONE_GROUNDED_MIN). Calibrated on the sample's
 # ordinary incoming messages and measured on its knowledge quiz (figures in benchmarks/README.md).
 GROUNDED_MIN = 0.6
+# Grounded replies sampled at once (a local backend batches them); the one nearest in meaning to
+# the knowledge that grounds them is sent (CLONE_GROUNDED_CANDIDATES; 1: the first one).
+GROUNDED_CANDIDATES = 4
+
+
+def grounding(found: list[Scored], least: float) -> list[Scored]:
+    """The person's knowledge (facts and notes) among the items a prompt can show, at least
+    `least` similar to the message."""
+    return [f for f in found[:RECALL_ITEMS] if f.kind in ("fact", "note") and f.similarity >= least]
 
 
 def grounds(found: list[Scored], text: str, least: float | None) -> bool:
     """Whether a reply to `text` is decoded grounded in its recalled items (Engine, and
     training.generate.RecallContrast): it is a question, and one of the items a prompt can show
     is the person's knowledge (a fact or a note) at least `least` similar. None: never."""
-    if least is None or not is_question(text):
-        return False
-    return any(f.kind in ("fact", "note") and f.similarity >= least for f in found[:RECALL_ITEMS])
+    return least is not None and is_question(text) and bool(grounding(found, least))
+
+
+def nearest_to(replies: np.ndarray, knowledge: np.ndarray) -> int:
+    """Which of the replies' (normalized) embeddings comes nearest in meaning to any of the
+    knowledge items': the candidate that says what the person wrote down."""
+    return int(np.argmax((replies @ knowledge.T).max(axis=1)))
 
 
 @dataclass(frozen=True)
@@ -314,6 +327,11 @@ class Recaller:
     async def embed(self, text: str) -> np.ndarray:
         [vector] = await asyncio.to_thread(self.embedder.embed, [text])
         return vector
+
+    async def most_supported(self, replies: list[str], knowledge: list[str]) -> int:
+        """Which reply says most nearly what `knowledge` says (see nearest_to)."""
+        vectors = await asyncio.to_thread(self.embedder.embed, [*replies, *knowledge])
+        return nearest_to(vectors[: len(replies)], vectors[len(replies):])
 
     async def recall(self, asked: Asked, vector: np.ndarray, before: float | None) -> list[Scored]:
         """Best first: the index's items, and what this user said before `before` (the oldest

@@ -18,7 +18,7 @@ from typing import Any
 from bot.engine import Backend, Engine
 from bot.gate import Gate, Rules, open_gate
 from bot.memory import Memory, connect_redis, default_count_tokens, open_memory
-from bot.recall import GROUNDED_MIN, FactAnswers, RecallAnswers, Recaller
+from bot.recall import GROUNDED_CANDIDATES, GROUNDED_MIN, FactAnswers, RecallAnswers, Recaller
 from training.persona import Persona
 
 
@@ -109,6 +109,7 @@ class RecallChoice:
     fact_answers: FactAnswers | None = field(default_factory=FactAnswers)  # None: always generate
     recall_answers: RecallAnswers | None = field(default_factory=RecallAnswers)  # None: always generate
     grounded_min: float | None = GROUNDED_MIN  # a question this near knowledge: grounded decoding
+    grounded_candidates: int = GROUNDED_CANDIDATES  # grounded replies sampled, the nearest sent
 
 
 def index_folder(persona: Persona, version: str | None) -> Path | None:
@@ -155,5 +156,6 @@ def build_runtime(
     recaller = build_recaller(persona, choice.version, redis, recall) if recall.enabled else None
     facts, told = (recall.fact_answers, recall.recall_answers) if recaller is not None else (None, None)
     engine = Engine(persona, backend, memory, count, recaller=recaller, fact_answers=facts,
-                    recall_answers=told, grounded_min=recall.grounded_min if recaller is not None else None)
+                    recall_answers=told, grounded_min=recall.grounded_min if recaller is not None else None,
+                    grounded_candidates=recall.grounded_candidates)
     return Runtime(engine, backend, memory, gate, redis, what, recaller)

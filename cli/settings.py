@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.recall import GROUNDED_MIN
+from bot.recall import GROUNDED_CANDIDATES, GROUNDED_MIN
 from bot.serve import PlatformSettings, SettingsError
 
 # What a secret may look like, and the line that says so (never the value). The libraries paste
@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # A question this similar to a recalled knowledge item is answered by grounded decoding: the
     # reply weighed against what the clone would say without its recalled items.
     clone_grounded_min: float | None = Field(GROUNDED_MIN, gt=0, le=1, description="grounded decoding from")
+    # Grounded replies sampled at once; the one nearest in meaning to the knowledge is sent.
+    clone_grounded_candidates: int = Field(GROUNDED_CANDIDATES, ge=1, le=8, description="grounded samples")
     # Well under the platforms' SIGKILL (Fly 5 s by default, Heroku 30 s): what is not answered by
     # then is left to the next process.
     clone_stop_grace_s: float = Field(8.0, ge=0, le=300, description="SIGTERM: time to finish replies")

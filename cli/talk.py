@@ -34,7 +34,8 @@ def open_runtime(session: Session, args: argparse.Namespace, rules=None):
     answers = FactAnswers(s.clone_fact_answer_min) if s.clone_fact_answer_min is not None else None
     told = RecallAnswers(s.clone_recall_answer_min) if s.clone_recall_answer_min is not None else None
     recall = RecallChoice(s.clone_recall, s.clone_longterm_days, s.clone_longterm_items, fact_answers=answers,
-                          recall_answers=told, grounded_min=s.clone_grounded_min)
+                          recall_answers=told, grounded_min=s.clone_grounded_min,
+                          grounded_candidates=s.clone_grounded_candidates)
     try:
         return build_runtime(session.persona, model_choice(session, args), redis_url=s.secret("redis_url"),
                              memory_file=s.clone_memory_file, rules=rules, recall=recall)

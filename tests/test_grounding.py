@@ -85,3 +85,28 @@ def test_the_serving_queue_carries_grounded_requests(model, tokenizer):
     assert grounded.text and ordinary.text is not None
     rows = [p for batch in seen for p in (batch or [None])]
     assert PLAIN in rows and RECALL_HEADER not in PLAIN[0]["content"]
+
+
+def reads(model) -> tuple[list[int], object]:
+    """The batch size of each forward pass that reads more than one token per row (a prompt)."""
+    sizes: list[int] = []
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            sizes.append(ids.shape[0])
+
+    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_candidates_of_one_prompt_read_it_once_and_decode_as_if_read_apart(model, tokenizer):
+    apart = generate_turns(model, tokenizer, [CHATS[0], CHATS[1]], max_new_tokens=8, temperature=0,
+                           plain=[PLAIN, None])
+    sizes, handle = reads(model)
+    try:
+        together = generate_turns(model, tokenizer, [CHATS[0], CHATS[0], CHATS[1], CHATS[0]], max_new_tokens=8,
+                                  temperature=0, plain=[PLAIN, PLAIN, None, PLAIN])
+    finally:
+        handle.remove()
+    assert sizes == [2, 1]  # the two prompts once each, then the one plain prompt once
+    assert together == [apart[0], apart[0], apart[1], apart[0]]

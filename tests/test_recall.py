@@ -12,9 +12,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bot.engine import Engine, Incoming
+from bot.engine import BUSY_REPLY, Busy, Engine, Incoming
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm
 from bot.quiz import Question, knowledge_quiz, quiz_engine
 from training.config import PrepareConfig
@@ -337,6 +338,53 @@ def test_grounded_decoding_when_a_knowledge_item_scores_high(known, model, embed
     assert plain[1:] == messages[1:]  # the same conversation: only the recalled items differ
 
 
+class Candidates(Steered):
+    """Grounded replies that differ from call to call, in the order given; a `Busy` is refused."""
+
+    def __init__(self, replies: list) -> None:
+        super().__init__()
+        self.replies = replies
+
+    async def generate_grounded(self, messages, plain):
+        await super().generate_grounded(messages, plain)
+        reply = self.replies[len(self.grounded) - 1]
+        if reply is Busy:
+            raise Busy()
+        return reply
+
+
+FACT = "my dog is Biscuit, he's a corgi"
+ASIDES = ["I went to the beach yesterday", "haha no idea, ask me later"]
+
+
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_of_grounded_candidates_the_one_nearest_the_knowledge_is_sent(known, model, embedder, at):
+    engine, _ = engine_for(known, model, embedder)
+    engine.grounded_min, engine.grounded_candidates = 0.6, 3
+    replies = [*ASIDES[:at], FACT, *ASIDES[at:]]
+    engine.backend = backend = Candidates(replies)
+    sent = asyncio.run(engine.handle(said("what's your dog called?", channel=f"c{at}")))
+    assert backend.calls == ["grounded"] * 3  # sampled at once, each against the plain prompt
+    assert sent == [FACT]
+
+
+def test_grounded_candidates_that_fail_are_passed_over(known, model, embedder):
+    engine, _ = engine_for(known, model, embedder)
+    engine.grounded_min, engine.grounded_candidates = 0.6, 3
+    engine.backend = Candidates([Busy, ASIDES[0], FACT])
+    assert asyncio.run(engine.handle(said("what's your dog called?", channel="f1"))) == [FACT]
+    engine.backend = Candidates([Busy, Busy, Busy])  # none made: the usual apology
+    assert asyncio.run(engine.handle(said("what's your dog called?", channel="f2"))) == [BUSY_REPLY]
+
+
+def test_nearest_to_the_knowledge():
+    from bot.recall import nearest_to
+
+    replies = np.eye(3, dtype=np.float32)
+    assert nearest_to(replies, np.array([[0.1, 0.9, 0.0]], dtype=np.float32)) == 1
+    assert nearest_to(replies, np.array([[0.0, 0.2, 0.1], [0.0, 0.0, 0.5]], dtype=np.float32)) == 2
+
+
 def test_the_fact_answer_setting(monkeypatch):
     from cli.settings import Settings
 
@@ -349,7 +397,7 @@ def test_the_fact_answer_setting(monkeypatch):
 
 
 def test_the_grounded_decoding_setting(monkeypatch):
-    from bot.recall import GROUNDED_MIN
+    from bot.recall import GROUNDED_CANDIDATES, GROUNDED_MIN
     from bot.runtime import RecallChoice
     from cli.settings import Settings
 
@@ -358,6 +406,11 @@ def test_the_grounded_decoding_setting(monkeypatch):
     assert Settings(_env_file=None).clone_grounded_min is None
     monkeypatch.setenv("CLONE_GROUNDED_MIN", "0.65")
     assert Settings(_env_file=None).clone_grounded_min == 0.65
+    candidates = Settings(_env_file=None).clone_grounded_candidates
+    assert candidates == GROUNDED_CANDIDATES == RecallChoice().grounded_candidates
+    monkeypatch.setenv("CLONE_GROUNDED_CANDIDATES", "0")
+    with pytest.raises(ValueError, match="clone_grounded_candidates"):
+        Settings(_env_file=None)
 
 
 # -- a user's own earlier words told back when they ask about themselves ------------------------

@@ -39,9 +39,13 @@ def generate_turns(
         [RecallContrast(model, list(contrasted), list(contrasted.values()), pad, contrast)]
         if contrasted and contrast else [])
     sample = temperature > 0
+    ids, mask = ids.to(device), mask.to(device)
+    # Rows that repeat a prompt (a grounded reply's candidates): each distinct prompt read once.
+    shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1])[0]} if repeats(ids) else {}
     out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+        input_ids=ids,
+        attention_mask=mask,
+        **shared,
         logits_processor=processors,
         max_new_tokens=max_new_tokens,
         do_sample=sample,
@@ -55,6 +59,28 @@ def generate_turns(
     texts = tokenizer.batch_decode(new, skip_special_tokens=False)
     return [(text, len(row) >= max_new_tokens and not ends & set(row.tolist()))
             for text, row in zip(texts, new, strict=True)]
+
+
+def repeats(ids: torch.Tensor) -> bool:
+    return len({tuple(r) for r in ids.tolist()}) < len(ids)
+
+
+def read_once(model, ids: torch.Tensor, mask: torch.Tensor):
+    """(key/value cache, last logits) of a left-padded batch whose rows may repeat, each distinct
+    row read by the model once and its cache and logits copied to its repeats. Reading a
+    400-token prompt is most of a short reply's time on a CPU, and a grounded reply's candidates
+    share their prompt."""
+    rows = [tuple(r) for r in torch.cat([ids, mask], dim=1).tolist()]
+    distinct = list(dict.fromkeys(rows))
+    first = torch.tensor([rows.index(r) for r in distinct], device=ids.device)
+    where = torch.tensor([distinct.index(r) for r in rows], device=ids.device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first],
+                use_cache=True, logits_to_keep=1)
+    cache = getattr(out, _CACHE)
+    if len(distinct) < len(rows):
+        cache.reorder_cache(where)
+    return cache, out.logits[where]
 
 
 def end_token_ids(model, tokenizer) -> set[int]:
@@ -89,17 +115,17 @@ class RecallContrast(LogitsProcessor):
         self.cache = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.cache is None:  # the first step reads the plain prompts whole
-            ids = self.ids
+        if self.cache is None:  # the first step reads the plain prompts whole, each distinct one once
+            self.cache, logits = read_once(self.model, self.ids, self.mask)
         else:  # then each step the token the batch just took
             ids = input_ids[self.rows, -1:]
             self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{_CACHE: self.cache})
-        self.cache = getattr(out, _CACHE)
+            positions = (self.mask.cumsum(1) - 1).clamp(min=0)[:, -1:]
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{_CACHE: self.cache})
+            self.cache, logits = getattr(out, _CACHE), out.logits
         told = torch.log_softmax(scores[self.rows].float(), dim=-1)
-        untold = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        untold = torch.log_softmax(logits[:, -1].float(), dim=-1)
         scores = scores.clone()
         scores[self.rows] = (told + self.weight * (told - untold)).to(scores.dtype)
         return scores
