@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bot.engine import Incoming  # noqa: E402
+from bot.generation import GenerationSettings  # noqa: E402
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm  # noqa: E402
 from bot.quiz import Fact, knowledge_quiz, quiz_engine, read_questions, recall_quiz  # noqa: E402
 from bot.recall import (  # noqa: E402
@@ -155,10 +156,9 @@ VARIANTS = {
 
 def variant_engine(persona: Persona, model, tokenizer, index: Path, embedder, args, grounded: int | None,
                    answers: bool):
-    from bot.generation import GenerationSettings
-
     engine = quiz_engine(persona, model, tokenizer, index, embedder,
-                         settings=GenerationSettings(temperature=args.temperature, contrast=args.contrast))
+                         settings=GenerationSettings(temperature=args.temperature, contrast=args.contrast,
+                                                     enough_candidates=args.enough))
     engine.grounded_min = args.grounded_min if grounded != 0 else None
     engine.grounded_candidates = grounded or args.candidates
     engine.fact_answers = FactAnswers(args.fact_answer_min, args.fact_answer_margin) if answers else None
@@ -429,6 +429,8 @@ def main() -> None:
     parser.add_argument("--contrast", type=float, default=1.0, help="grounded decoding's weight")
     parser.add_argument("--candidates", type=int, default=GROUNDED_CANDIDATES,
                         help="grounded replies sampled; the one nearest the knowledge is sent")
+    parser.add_argument("--enough", type=int, default=GenerationSettings.enough_candidates,
+                        help="grounded candidates stop once this many have ended")
     parser.add_argument("--cost-rounds", type=int, default=2, help="cost: rounds of the questions")
     parser.add_argument("--seeds", type=int, default=1, help="knowledge quiz: sampling seeds, averaged")
     parser.add_argument("--fact-answer-min", type=float, default=FactAnswers.min_similarity)

@@ -13,7 +13,6 @@ imports torch: a bot that generates on a remote server (`LLM_BASE_URL`) never lo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -78,12 +77,13 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Grounded(Protocol):
-    """A backend that can also decode a turn grounded in its recalled items: weighed against
-    `plain`, the same prompt without them (context-aware decoding). Used when a question's answer
-    is in the person's knowledge base and the reply should say it rather than improvise."""
+    """A backend that can also decode turns grounded in their recalled items: weighed against
+    `plain`, the same prompt without them (context-aware decoding), `candidates` of them at once.
+    Used when a question's answer is in the person's knowledge base and the reply should say it
+    rather than improvise."""
 
-    async def generate_grounded(self, messages: list[dict[str, str]],
-                                plain: list[dict[str, str]]) -> Generated | str: ...
+    async def generate_grounded(self, messages: list[dict[str, str]], plain: list[dict[str, str]],
+                                candidates: int = 1) -> list[Generated]: ...
 
 
 @dataclass(frozen=True)
@@ -235,28 +235,31 @@ class Engine:
 
     async def _grounded_reply(self, prompt: list[dict[str, str]], incoming: Incoming,
                               found: list[Scored]) -> Generated | str:
-        """Grounded candidates sampled at once (a local backend batches them), and the one whose
-        meaning comes nearest to the knowledge that grounds them: a 135M model says the recalled
-        fact in some of its samples, rarely in all (benchmarks/README.md, knowledge.py)."""
-        plain = without_recall(prompt)
-        tries = await asyncio.gather(*(self._generate(prompt, incoming, plain)
-                                       for _ in range(max(1, self.grounded_candidates))))
-        made = [t for t in tries if isinstance(t, Generated) and t.text.strip()]
+        """Grounded candidates sampled at once, and the one whose meaning comes nearest to the
+        knowledge that grounds them, judged by what it would send (one cut before its end keeps
+        its finished sentences): a 135M model says the recalled fact in some of its samples, rarely
+        in all (benchmarks/README.md, knowledge.py)."""
+        tries = await self._generate(prompt, incoming, without_recall(prompt), self.grounded_candidates)
+        if isinstance(tries, str):
+            return tries
+        sent = [(t, "\n".join(to_messages(t.text, truncated=t.truncated))) for t in tries]
+        made = [(t, text) for t, text in sent if text]
         if len(made) < 2 or self.recaller is None or self.grounded_min is None:
-            return made[0] if made else tries[0]
+            return made[0][0] if made else tries[0]
         knowledge = [f.item.text for f in grounding(found, self.grounded_min)]
-        return made[await self.recaller.most_supported([m.text for m in made], knowledge)]
+        return made[await self.recaller.most_supported([text for _, text in made], knowledge)][0]
 
     async def _generate(self, messages: list[dict[str, str]], incoming: Incoming,
-                        plain: list[dict[str, str]] | None = None) -> Generated | str:
-        """The model's turn (grounded against `plain`, when given), or the apology to send
-        instead when the backend cannot answer."""
+                        plain: list[dict[str, str]] | None = None, candidates: int = 1,
+                        ) -> Generated | list[Generated] | str:
+        """The model's turn, or `candidates` turns grounded against `plain` when given; or the
+        apology to send instead when the backend cannot answer."""
         where = f"{incoming.platform}/{incoming.channel}"
         try:
             if plain is not None:
-                raw = await self.backend.generate_grounded(messages, plain)  # type: ignore[attr-defined]
-            else:
-                raw = await self.backend.generate(messages)
+                return await self.backend.generate_grounded(  # type: ignore[attr-defined]
+                    messages, plain, max(1, candidates))
+            raw = await self.backend.generate(messages)
         except Busy:
             log.warning("Busy: a reply in %s was refused", where)
             return BUSY_REPLY

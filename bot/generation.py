@@ -59,6 +59,9 @@ class GenerationSettings:
     # would say without the recalled items (training.generate.RecallContrast). 1.0 is the paper's
     # weight; 2 and 3 made the sample's clone copy the recall list's "- Q:" markup.
     contrast: float = 1.0
+    # Grounded candidates of one reply stop once this many have ended (EnoughEnded): a batch waits
+    # for its longest row, and the nearest of a few whole candidates is as good as of all.
+    enough_candidates: int = 2
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Request:
     messages: list[dict[str, str]]
     future: asyncio.Future = field(repr=False)
     plain: list[dict[str, str]] | None = None  # grounded: the prompt without its recalled items
+    candidates: int = 1  # replies sampled for it, a batch row each
 
 
 def serving_threads(cores: int | None = None) -> int:
@@ -254,6 +258,12 @@ def load_clone(adapters_root: Path, version: str | None = None, base: str | None
     return model, tokenizer, what
 
 
+def candidate_groups(counts: list[int]) -> list[list[int]]:
+    """The batch rows of each request that has several candidates, for requests of `counts` rows."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [list(range(start, start + n)) for start, n in zip(starts, counts, strict=True) if n > 1]
+
+
 class LocalBackend:
     def __init__(self, model, tokenizer, settings: GenerationSettings | None = None) -> None:
         self.model = model.eval()
@@ -264,19 +274,23 @@ class LocalBackend:
 
     async def generate(self, messages: list[dict[str, str]]) -> Generated:
         """The model's next turn after `messages` (raw text: post-processing is the engine's)."""
-        return await self._queued(messages, None)
+        [turn] = await self._queued(messages, None, 1)
+        return turn
 
-    async def generate_grounded(self, messages: list[dict[str, str]],
-                                plain: list[dict[str, str]]) -> Generated:
-        """The next turn decoded against `plain`, the same prompt without its recalled items
-        (training.generate.RecallContrast): what the items add is weighed more."""
-        return await self._queued(messages, plain)
+    async def generate_grounded(self, messages: list[dict[str, str]], plain: list[dict[str, str]],
+                                candidates: int = 1) -> list[Generated]:
+        """`candidates` next turns, each decoded against `plain`, the same prompt without its
+        recalled items (training.generate.RecallContrast): what the items add is weighed more.
+        One request, one place in the queue; rows that run on once enough others have ended are
+        cut (truncated)."""
+        return await self._queued(messages, plain, max(1, candidates))
 
-    async def _queued(self, messages: list[dict[str, str]], plain: list[dict[str, str]] | None) -> Generated:
+    async def _queued(self, messages: list[dict[str, str]], plain: list[dict[str, str]] | None,
+                      candidates: int) -> list[Generated]:
         if self._queue is None:
             self._queue = asyncio.Queue(self.settings.max_queue)
             self._worker = asyncio.create_task(self._run())
-        request = _Request(messages, asyncio.get_running_loop().create_future(), plain)
+        request = _Request(messages, asyncio.get_running_loop().create_future(), plain, candidates)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -287,30 +301,36 @@ class LocalBackend:
         assert self._queue is not None
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self.settings.max_batch and not self._queue.empty():
+            while sum(r.candidates for r in batch) < self.settings.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            rows = [r for r in batch for _ in range(r.candidates)]
             try:
-                plain = [r.plain for r in batch]
+                plain = [r.plain for r in rows]
                 grounding = (plain,) if any(plain) else ()
-                texts = await asyncio.to_thread(self.generate_batch, [r.messages for r in batch], *grounding)
+                groups = candidate_groups([r.candidates for r in batch])
+                texts = await asyncio.to_thread(self.generate_batch, [r.messages for r in rows], *grounding,
+                                                **({"groups": groups} if groups else {}))
             except Exception as e:  # one bad batch must not kill the worker
                 log.exception("Generation failed for a batch of %d", len(batch))
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e)
                 continue
-            for r, text in zip(batch, texts, strict=True):
+            for r in batch:
+                turns, texts = texts[: r.candidates], texts[r.candidates:]
                 if not r.future.done():
-                    r.future.set_result(text)
+                    r.future.set_result(turns)
 
     def swap(self, model, tokenizer) -> None:
         """Serve another model from the next batch on; the batch in flight finishes on the old one."""
         self.model, self.tokenizer = model.eval(), tokenizer
 
     def generate_batch(self, conversations: list[list[dict[str, str]]],
-                       plain: list[list[dict[str, str]] | None] | None = None) -> list[Generated]:
+                       plain: list[list[dict[str, str]] | None] | None = None,
+                       groups: list[list[int]] | None = None) -> list[Generated]:
         """One batch through the model; message text can never become a template token. `plain`:
-        the rows to ground (generate_grounded), by their prompts without recalled items."""
+        the rows to ground (generate_grounded), by their prompts without recalled items; `groups`:
+        the rows that are candidates of one reply."""
         s = self.settings
         model, tokenizer = self.model, self.tokenizer  # one pair for the whole batch, even across a swap
         threads = s.batch_threads if len(conversations) > 1 and s.batch_threads else s.threads
@@ -319,7 +339,7 @@ class LocalBackend:
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
             top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (),
-            contrast=s.contrast)
+            contrast=s.contrast, groups=groups or (), enough=s.enough_candidates)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

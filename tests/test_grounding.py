@@ -68,23 +68,38 @@ def test_the_serving_queue_carries_grounded_requests(model, tokenizer):
     seen: list = []
     real = backend.generate_batch
 
-    def spy(conversations, plain=None):
-        seen.append(plain)
-        return real(conversations, plain)
+    def spy(conversations, plain=None, groups=None):
+        seen.append((plain, groups))
+        return real(conversations, plain, groups)
 
     backend.generate_batch = spy
 
     async def both():
         try:
-            return await asyncio.gather(backend.generate_grounded(CHATS[0], PLAIN),
+            return await asyncio.gather(backend.generate_grounded(CHATS[0], PLAIN, candidates=3),
                                         backend.generate(CHATS[1]))
         finally:
             await backend.close()
 
     grounded, ordinary = asyncio.run(both())
-    assert grounded.text and ordinary.text is not None
-    rows = [p for batch in seen for p in (batch or [None])]
-    assert PLAIN in rows and RECALL_HEADER not in PLAIN[0]["content"]
+    assert len(grounded) == 3 and all(g.text for g in grounded) and ordinary.text is not None
+    assert [p for plain, _ in seen for p in (plain or [None])].count(PLAIN) == 3  # a row per candidate
+    assert [g for _, groups in seen for g in (groups or [])] in ([[0, 1, 2]], [[1, 2, 3]])
+    assert RECALL_HEADER not in PLAIN[0]["content"]
+
+
+def test_candidates_stop_once_enough_have_ended():
+    from training.generate import EnoughEnded
+
+    end, start = 7, 2
+    stop = EnoughEnded([[0, 1, 2], [3, 4]], enough=2, ends={end}, start=start)
+    prompt = [end, 1]  # an end token in the prompt does not count; row 5 is no candidate
+    assert not stop(torch.tensor([[*prompt, 3]] * 6), None).any()
+    one_ended = torch.tensor([[*prompt, t] for t in [end, 3, 3, 3, 3, 3]])
+    assert not stop(one_ended, None).any()  # one of three: the group goes on
+    two_ended = torch.tensor([[*prompt, t] for t in [end, 3, end, end, 3, 3]])
+    assert stop(two_ended, None).tolist() == [True, True, True, False, False, False]
+    assert stop.cut == {1}  # stopped before its end: truncated
 
 
 def reads(model) -> tuple[list[int], object]:
@@ -104,8 +119,8 @@ def test_candidates_of_one_prompt_read_it_once_and_decode_as_if_read_apart(model
                            plain=[PLAIN, None])
     sizes, handle = reads(model)
     try:
-        together = generate_turns(model, tokenizer, [CHATS[0], CHATS[0], CHATS[1], CHATS[0]], max_new_tokens=8,
-                                  temperature=0, plain=[PLAIN, PLAIN, None, PLAIN])
+        together = generate_turns(model, tokenizer, [CHATS[0], CHATS[0], CHATS[1], CHATS[0]],
+                                  max_new_tokens=8, temperature=0, plain=[PLAIN, PLAIN, None, PLAIN])
     finally:
         handle.remove()
     assert sizes == [2, 1]  # the two prompts once each, then the one plain prompt once

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot.engine import BUSY_REPLY, Busy, Engine, Incoming
+from bot.engine import BUSY_REPLY, Busy, Engine, Generated, Incoming
 from bot.longterm import EmbeddedLongTerm, RedisLongTerm
 from bot.quiz import Question, knowledge_quiz, quiz_engine
 from training.config import PrepareConfig
@@ -309,10 +309,10 @@ class Steered:
         self.calls.append("sampled")
         return "ok"
 
-    async def generate_grounded(self, messages, plain):
+    async def generate_grounded(self, messages, plain, candidates=1):
         self.calls.append("grounded")
         self.grounded.append((messages, plain))
-        return "ok"
+        return [Generated("ok")] * candidates
 
     async def close(self) -> None:
         pass
@@ -339,18 +339,18 @@ def test_grounded_decoding_when_a_knowledge_item_scores_high(known, model, embed
 
 
 class Candidates(Steered):
-    """Grounded replies that differ from call to call, in the order given; a `Busy` is refused."""
+    """Grounded candidates as given (a reply, or a Generated to say it was cut); or refused."""
 
     def __init__(self, replies: list) -> None:
         super().__init__()
         self.replies = replies
 
-    async def generate_grounded(self, messages, plain):
-        await super().generate_grounded(messages, plain)
-        reply = self.replies[len(self.grounded) - 1]
-        if reply is Busy:
+    async def generate_grounded(self, messages, plain, candidates=1):
+        await super().generate_grounded(messages, plain, candidates)
+        if self.replies is Busy:
             raise Busy()
-        return reply
+        assert candidates == len(self.replies)
+        return [r if isinstance(r, Generated) else Generated(r) for r in self.replies]
 
 
 FACT = "my dog is Biscuit, he's a corgi"
@@ -361,19 +361,20 @@ ASIDES = ["I went to the beach yesterday", "haha no idea, ask me later"]
 def test_of_grounded_candidates_the_one_nearest_the_knowledge_is_sent(known, model, embedder, at):
     engine, _ = engine_for(known, model, embedder)
     engine.grounded_min, engine.grounded_candidates = 0.6, 3
-    replies = [*ASIDES[:at], FACT, *ASIDES[at:]]
-    engine.backend = backend = Candidates(replies)
+    engine.backend = backend = Candidates([*ASIDES[:at], FACT, *ASIDES[at:]])
     sent = asyncio.run(engine.handle(said("what's your dog called?", channel=f"c{at}")))
-    assert backend.calls == ["grounded"] * 3  # sampled at once, each against the plain prompt
+    assert backend.calls == ["grounded"]  # one request for all three
     assert sent == [FACT]
 
 
-def test_grounded_candidates_that_fail_are_passed_over(known, model, embedder):
+def test_grounded_candidates_are_judged_by_what_they_would_send(known, model, embedder):
     engine, _ = engine_for(known, model, embedder)
-    engine.grounded_min, engine.grounded_candidates = 0.6, 3
-    engine.backend = Candidates([Busy, ASIDES[0], FACT])
-    assert asyncio.run(engine.handle(said("what's your dog called?", channel="f1"))) == [FACT]
-    engine.backend = Candidates([Busy, Busy, Busy])  # none made: the usual apology
+    engine.grounded_min, engine.grounded_candidates = 0.6, 4
+    # Cut before its end, the first would send its first line only, not the fact after it.
+    cut = Generated(f"{ASIDES[0]}\nBiscuit. He's a corgi", truncated=True)
+    engine.backend = Candidates([cut, "", ASIDES[1], "my dog is Biscuit"])
+    assert asyncio.run(engine.handle(said("what's your dog called?", channel="f1"))) == ["my dog is Biscuit"]
+    engine.backend = Candidates(Busy)  # refused: the usual apology
     assert asyncio.run(engine.handle(said("what's your dog called?", channel="f2"))) == [BUSY_REPLY]
 
 

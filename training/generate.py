@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from training.encode import encode
@@ -24,11 +24,13 @@ def generate_turns(
     model, tokenizer, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 64,
     temperature: float = 0.8, top_p: float = 0.9, repetition_penalty: float = 1.0,
     plain: Sequence[list[dict[str, str]] | None] = (), contrast: float = 1.0,
+    groups: Sequence[Sequence[int]] = (), enough: int = 2,
 ) -> list[tuple[str, bool]]:
     """(raw text, truncated) per conversation: left-padded, one batch. `truncated` is True when
-    the token cap stopped the row before the model ended its turn. `plain`: per conversation, the
-    same prompt without its recalled items, for the rows to decode by RecallContrast (None, or
-    left out: an ordinary row)."""
+    the row stopped before the model ended its turn. `plain`: per conversation, the same prompt
+    without its recalled items, for the rows to decode by RecallContrast (None, or left out: an
+    ordinary row). `groups`: rows that are candidates of one reply; once `enough` of a group's
+    rows have ended, its other rows stop there (truncated)."""
     prompts = [encode(c, tokenizer, add_generation_prompt=True).input_ids for c in conversations]
     pad = tokenizer.pad_token_id
     ids, mask = left_padded(prompts, pad)
@@ -39,6 +41,9 @@ def generate_turns(
         [RecallContrast(model, list(contrasted), list(contrasted.values()), pad, contrast)]
         if contrasted and contrast else [])
     sample = temperature > 0
+    ends = end_token_ids(model, tokenizer)
+    enough_ended = EnoughEnded(groups, enough, ends, ids.shape[1])
+    stop = StoppingCriteriaList([enough_ended] if groups else [])
     ids, mask = ids.to(device), mask.to(device)
     # Rows that repeat a prompt (a grounded reply's candidates): each distinct prompt read once.
     shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1])[0]} if repeats(ids) else {}
@@ -47,6 +52,7 @@ def generate_turns(
         attention_mask=mask,
         **shared,
         logits_processor=processors,
+        stopping_criteria=stop,
         max_new_tokens=max_new_tokens,
         do_sample=sample,
         temperature=temperature if sample else None,
@@ -55,10 +61,28 @@ def generate_turns(
         pad_token_id=pad,
     )
     new = out[:, ids.shape[1]:]
-    ends = end_token_ids(model, tokenizer)
     texts = tokenizer.batch_decode(new, skip_special_tokens=False)
-    return [(text, len(row) >= max_new_tokens and not ends & set(row.tolist()))
-            for text, row in zip(texts, new, strict=True)]
+    return [(text, i in enough_ended.cut or (len(row) >= max_new_tokens and not ends & set(row.tolist())))
+            for i, (text, row) in enumerate(zip(texts, new, strict=True))]
+
+
+class EnoughEnded(StoppingCriteria):
+    """Stops a group of candidate rows once `enough` of them have ended their turn: a batch runs
+    until its longest row ends, and one long candidate would keep the reply waiting for nothing."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], enough: int, ends: set[int], start: int) -> None:
+        self.groups, self.enough, self.start = [list(g) for g in groups], enough, start
+        self.ends = torch.tensor(sorted(ends))
+        self.cut: set[int] = set()  # rows stopped before they ended
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        ended = torch.isin(input_ids[:, self.start:], self.ends.to(input_ids.device)).any(dim=1)
+        done = torch.zeros_like(ended)
+        for group in self.groups:
+            if int(ended[group].sum()) >= min(self.enough, len(group)):
+                done[group] = True
+                self.cut.update(i for i in group if not ended[i])
+        return done
 
 
 def repeats(ids: torch.Tensor) -> bool:
