@@ -100,6 +100,8 @@ def test_candidates_stop_once_enough_have_ended():
     two_ended = torch.tensor([[*prompt, t] for t in [end, 3, end, end, 3, 3]])
     assert stop(two_ended, None).tolist() == [True, True, True, False, False, False]
     assert stop.cut == {1}  # stopped before its end: truncated
+    never_zero = EnoughEnded([[0, 1]], enough=0, ends={end}, start=start)
+    assert not never_zero(torch.tensor([[*prompt, 3]] * 2), None).any()  # at least one must end
 
 
 def reads(model) -> tuple[list[int], object]:

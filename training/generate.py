@@ -71,7 +71,7 @@ class EnoughEnded(StoppingCriteria):
     until its longest row ends, and one long candidate would keep the reply waiting for nothing."""
 
     def __init__(self, groups: Sequence[Sequence[int]], enough: int, ends: set[int], start: int) -> None:
-        self.groups, self.enough, self.start = [list(g) for g in groups], enough, start
+        self.groups, self.enough, self.start = [list(g) for g in groups], max(1, enough), start
         self.ends = torch.tensor(sorted(ends))
         self.cut: set[int] = set()  # rows stopped before they ended
 
