@@ -90,7 +90,7 @@ def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Sco
 GROUNDED_MIN = 0.6
 # Grounded replies sampled at once (a local backend batches them); the one nearest in meaning to
 # the knowledge that grounds them is sent (CLONE_GROUNDED_CANDIDATES; 1: the first one).
-GROUNDED_CANDIDATES = 4
+GROUNDED_CANDIDATES = 8
 
 
 def grounding(found: list[Scored], least: float) -> list[Scored]:
