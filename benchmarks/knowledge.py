@@ -54,6 +54,7 @@ from bot.recall import (  # noqa: E402
     about_self,
     asks_about_self,
     fact_answer,
+    grounding,
     grounds,
     is_question,
     recall_answer,
@@ -278,7 +279,7 @@ def grounded_rates(messages: dict[str, str | None], found: list[list[Scored]], a
                 if grounds(f, t, least) and fact_answer(f, t, answers) is None]
         rates[str(least)] = {"grounded": len(hits), "rate": round(len(hits) / len(messages), 4)}
         if least == args.grounded_min:
-            grounded = [{"message": t, "knowledge": next(k.item.text for k in f if k.kind != "exchange")}
+            grounded = [{"message": t, "knowledge": grounding(f, least)[0].item.text}
                         for t, f in hits[:: max(1, len(hits) // 20)]]
     return {"by_threshold": rates, "sample_at_chosen": grounded}
 

@@ -244,8 +244,9 @@ class Engine:
             return tries
         sent = [(t, "\n".join(to_messages(t.text, truncated=t.truncated))) for t in tries]
         made = [(t, text) for t, text in sent if text]
-        if len(made) < 2 or self.recaller is None or self.grounded_min is None:
+        if len(made) < 2:
             return made[0][0] if made else tries[0]
+        assert self.recaller is not None and self.grounded_min is not None  # _grounded found knowledge
         knowledge = [f.item.text for f in grounding(found, self.grounded_min)]
         return made[await self.recaller.most_supported([text for _, text in made], knowledge)][0]
 
@@ -257,8 +258,8 @@ class Engine:
         where = f"{incoming.platform}/{incoming.channel}"
         try:
             if plain is not None:
-                return await self.backend.generate_grounded(  # type: ignore[attr-defined]
-                    messages, plain, max(1, candidates))
+                grounded = self.backend.generate_grounded  # type: ignore[attr-defined]
+                return await grounded(messages, plain, candidates)
             raw = await self.backend.generate(messages)
         except Busy:
             log.warning("Busy: a reply in %s was refused", where)
