@@ -799,11 +799,13 @@ def active_row_version(browser) -> str | None:
 
 def drive(browser, url: str, token: str, message: str, correction: str, shot: Path) -> None:
     """Log in, chat, correct the reply, see it listed, rate it, switch adapters: what an owner does."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, 60)
+    # A panel the page re-renders between finding an element and reading it is read again next poll.
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(url)
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.ID, "login").click()
