@@ -73,7 +73,9 @@ def cmd_add(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     added = []
     for path in args.files:
-        if not path.is_file() or path.suffix.lower() not in (".md", ".txt"):
+        if not path.is_file():
+            raise CliError(f"{path}: no such file (to write a note here, give its text with --text)")
+        if path.suffix.lower() not in (".md", ".txt"):
             raise CliError(f"{path}: a knowledge note is a .md or .txt file")
         shutil.copyfile(path, folder / path.name)
         added.append(path.name)

@@ -233,6 +233,10 @@ def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):
         return subprocess.run([sys.executable, "-m", "cli", "knowledge", *args, "--persona", str(root)],
                               capture_output=True, text=True, cwd=REPO, timeout=180)
 
+    missing = clone("add", str(tmp_path / "bio.md"))  # a note file that is not there
+    assert missing.returncode == 2 and "bio.md: no such file" in missing.stderr
+    (tmp_path / "bio.pdf").write_bytes(b"%PDF")
+    assert "a knowledge note is a .md or .txt file" in clone("add", str(tmp_path / "bio.pdf")).stderr
     added = clone("add", "--text", "I collect vintage typewriters, seven of them so far.")
     assert added.returncode == 0, added.stderr
     assert "Re-indexed" in added.stdout
