@@ -30,6 +30,7 @@ REDACTED = [
     ("Tel: +49 (0)30 1234567.", "Tel: [PHONE].", {"phone": 1}),
     ("0044 20 7946 0958", "[PHONE]", {"phone": 1}),
     ("(+33) or +33612345678", "(+33) or [PHONE]", {"phone": 1}),
+    ("call +1.10.10.100 now", "call [PHONE] now", {"phone": 1}),  # dotted like an address
     # phones, national
     ("(202) 555-0143", "[PHONE]", {"phone": 1}),
     ("202-555-0143 or 202.555.0143", "[PHONE] or [PHONE]", {"phone": 2}),

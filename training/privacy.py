@@ -360,8 +360,9 @@ def _redact_cards(text: str) -> str:
 # -- IP addresses -----------------------------------------------------------------------------
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-# Exactly four octets: "v1.2.3.4" and "1.2.3.4.5" are versions, not addresses.
-_IPV4_RE = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
+# Exactly four octets: "v1.2.3.4" and "1.2.3.4.5" are versions, not addresses; after a "+" that
+# starts a word, "+1.10.10.100" is an international phone number (the phone rule's).
+_IPV4_RE = re.compile(rf"(?<![\w.])(?<!^\+)(?<!\s\+)(?<!\(\+)(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
 # A permissive IPv6 candidate (two colons at least, optional embedded IPv4 and zone),
 # then checked by `ipaddress`: "10:30" and "22:01:05" are times and fail that check.
 _IPV6_RE = re.compile(
