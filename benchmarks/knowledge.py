@@ -135,7 +135,7 @@ class Seeing:
         self.inner, self.prompts = inner, []
 
     async def generate(self, messages):
-        self.prompts.append(messages[0]["content"])
+        self.prompts.append("\n".join(m["content"] for m in messages if m["role"] == "system"))
         return await self.inner.generate(messages)
 
     async def close(self) -> None:
