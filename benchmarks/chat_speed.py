@@ -1,23 +1,17 @@
-"""A chat's later turns (issue 13): what a reply costs once a conversation has started.
+"""Replies in a chat (issue 13): what the clone costs once conversations are going, through the engine.
 
 The other side's messages of a few held-out conversations of a prepared persona go, in order, one
 channel per conversation, through the engine as `clone chat` builds it (recall on, the served
-model behind LocalBackend), every reply forced to `--tokens` new tokens. The prompt each turn
-builds is generated three ways, interleaved turn by turn:
+model behind LocalBackend), every reply forced to `--tokens` new tokens (0: as served, sampled to
+the person's natural length). Each turn's prompt is also given to **bare**, the base model in
+fp32 through `model.generate` (serve_speed.py's baseline), interleaved turn by turn. It prints
+per-reply seconds (p50, p95, mean) and their ratio. With `--channels N`, N chats then go on at
+once, turn by turn, through two engines: one sends the N messages of a turn together (each
+after its own recall, as a bot's channels do), the other one after another; the ratio of their
+times is the throughput of N channels against one at a time.
 
-  bare      the base model in fp32, `model.generate` on the whole prompt (serve_speed.py's baseline)
-  no cache  the served model behind a LocalBackend without the prefix cache: the whole prompt read
-  served    the engine's own call, with the prefix cache: the model reads only what the chat's
-            last prompt and reply did not hold (the prompt contract keeps a chat's start fixed;
-            training.generate.PrefixCache)
-
-It prints per-reply seconds (p50, p95) of each, their ratios and the prompt tokens each read.
-With `--channels N`, N chats then go on at once, turn by turn, through two engines with the
-prefix cache: one sends the N messages of a turn together (the queue batches them), the other one
-after another; the ratio of their times is the throughput of N channels against one at a time.
-
-    python benchmarks/chat_speed.py --persona DIR              # a prepared (and trained) persona
-    python benchmarks/chat_speed.py --persona DIR --tokens 16 --chats 3 --turns 10
+    python benchmarks/chat_speed.py --persona DIR                # a prepared (and trained) persona
+    python benchmarks/chat_speed.py --persona DIR --tokens 0 --chats 3 --turns 8   # as served
     python benchmarks/chat_speed.py --persona DIR --chats 0 --channels 8 --turns 4
 """
 
@@ -56,14 +50,6 @@ def chats(val: list[dict], count: int, turns: int) -> list[list[str]]:
     return [messages[:turns] for messages in said[:count]]
 
 
-def reads(model) -> list[int]:
-    """Tokens each forward pass of `model` reads, appended as it runs."""
-    read: list[int] = []
-    model.register_forward_pre_hook(lambda _m, args, kwargs: read.append(
-        kwargs.get("input_ids", args[0] if args else None).shape[1]), with_kwargs=True)
-    return read
-
-
 def timed(call, *args) -> tuple[float, object]:
     with threads_kept():
         started = time.perf_counter()
@@ -78,9 +64,8 @@ async def play(args, persona: Persona) -> dict:
     settings = dict(max_new_tokens=args.tokens or 64, natural_length=as_served)
     engine = quiz_engine(persona, model, tokenizer, index_folder(persona, None), Embedder(),
                          settings=GenerationSettings(**settings))
-    whole = LocalBackend(model, tokenizer, GenerationSettings(**settings, prefix_cache=0))
     backend = engine.backend
-    assert isinstance(backend, LocalBackend) and backend.prefix is not None
+    assert isinstance(backend, LocalBackend)
     prompts: list[list[dict]] = []
     engine.on_prompt = lambda _key, messages, _recalled: prompts.append(messages)
     served_s: list[float] = []
@@ -92,76 +77,75 @@ async def play(args, persona: Persona) -> dict:
         return out
 
     backend.generate_batch = served
-    read = reads(model)
-    times: dict[str, list[float]] = {"bare": [], "no cache": [], "served": []}
-    tokens: dict[str, list[int]] = {"prompt": [], "read": []}
+    times: dict[str, list[float]] = {"bare": [], "served": []}
+    tokens: list[int] = []
     torch.manual_seed(0)
     val = load_jsonl(persona.dataset / "val.jsonl")
     if as_served:
-        del times["bare"], times["no cache"]
+        del times["bare"]
     forced = args.tokens or None
     with forced_length(model, forced), forced_length(base, forced):
         for c, messages in enumerate(chats(val, args.chats, args.turns)):
             for i, text in enumerate(messages):
-                read.clear()
                 await engine.handle(Incoming("bench", f"chat{c}", "u1", "Alex", text))
                 prompt = prompts[-1]
-                tokens["read"].append(read[0])
-                tokens["prompt"].append(len(encode(prompt, tokenizer, add_generation_prompt=True).input_ids))
+                tokens.append(len(encode(prompt, tokenizer, add_generation_prompt=True).input_ids))
                 times["served"].append(served_s[-1])
                 if not as_served:
-                    times["no cache"].append(timed(whole.generate_batch, [prompt])[0])
                     times["bare"].append(timed(bare_generate, base, tokenizer, [prompt], args.tokens)[0])
                 took = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
-                print(f"  chat {c} turn {i + 1}: prompt {tokens['prompt'][-1]} tokens, read "
-                      f"{tokens['read'][-1]}; {took}", flush=True)
+                print(f"  chat {c} turn {i + 1}: prompt {tokens[-1]} tokens; {took}", flush=True)
     await engine.backend.close()
     return {"what": what, "tokens_per_reply": args.tokens, "turns": len(times["served"]),
             "seconds": {k: {"p50": round(pct(v, 0.5), 3), "p95": round(pct(v, 0.95), 3),
                             "mean": round(statistics.mean(v), 3)} for k, v in times.items()},
-            "prompt_tokens_mean": round(statistics.mean(tokens["prompt"]), 1),
-            "read_tokens_mean": round(statistics.mean(tokens["read"]), 1),
+            "prompt_tokens_mean": round(statistics.mean(tokens), 1),
             "load": [round(x, 2) for x in os.getloadavg()]}
 
 
 async def at_once(args, persona: Persona) -> dict:
-    """Seconds per turn of --channels chats: their messages sent together, and one at a time."""
+    """Seconds per turn of --channels chats: their messages sent together (with the batching gap,
+    and without it: GenerationSettings.batch_gap 0), and one at a time."""
     model, tokenizer, _ = load_clone(persona.adapters, None, None, persona.id)
-    settings = GenerationSettings(max_new_tokens=args.tokens, natural_length=False)
+    n = args.tokens or 64
     embedder = Embedder()
-    together, alone = (quiz_engine(persona, model, tokenizer, index_folder(persona, None), embedder,
-                                   settings=GenerationSettings(**vars(settings))) for _ in range(2))
+    gaps = {"together": GenerationSettings().batch_gap, "together, no gap": 0.0, "one at a time": 0.0}
+    index = index_folder(persona, None)
+    engines = {name: quiz_engine(persona, model, tokenizer, index, embedder, settings=GenerationSettings(
+                   max_new_tokens=n, natural_length=False, batch_gap=gap)) for name, gap in gaps.items()}
     played = chats(load_jsonl(persona.dataset / "val.jsonl"), args.channels, args.turns)
-    times: dict[str, list[float]] = {"together": [], "one at a time": []}
+    times: dict[str, list[float]] = {name: [] for name in engines}
     torch.manual_seed(0)
-    with forced_length(model, args.tokens):
+    with forced_length(model, n):
         for i in range(min(len(m) for m in played)):
             said = [Incoming("bench", f"chat{c}", "u1", "Alex", m[i]) for c, m in enumerate(played)]
-            started = time.perf_counter()
-            await asyncio.gather(*(together.handle(m) for m in said))
-            times["together"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            for m in said:
-                await alone.handle(m)
-            times["one at a time"].append(time.perf_counter() - started)
-            print(f"  turn {i + 1} of {len(said)} chats: together {times['together'][-1]:.2f} s, "
-                  f"one at a time {times['one at a time'][-1]:.2f} s", flush=True)
-    for engine in (together, alone):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                if name == "one at a time":
+                    for m in said:
+                        await engine.handle(m)
+                else:
+                    await asyncio.gather(*(engine.handle(m) for m in said))
+                times[name].append(time.perf_counter() - started)
+            took = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+            print(f"  turn {i + 1} of {len(said)} chats: {took}", flush=True)
+    for engine in engines.values():
         await engine.backend.close()
+    alone = sum(times["one at a time"])
     return {"channels": len(played), "turns": len(times["together"]),
             "seconds": {k: round(sum(v), 2) for k, v in times.items()},
-            "throughput_ratio": round(sum(times["one at a time"]) / sum(times["together"]), 3)}
+            "throughput_ratio": {k: round(alone / sum(v), 3) for k, v in times.items()
+                                 if k != "one at a time"}}
 
 
 def report(result: dict) -> None:
     s = result["seconds"]
     length = f"{result['tokens_per_reply']} new tokens" if result["tokens_per_reply"] else "as served"
     print(f"\n{result['turns']} turns of {result['what']}, {length} a reply; "
-          f"prompts {result['prompt_tokens_mean']} tokens on average, the served path read "
-          f"{result['read_tokens_mean']} of them")
+          f"prompts {result['prompt_tokens_mean']} tokens on average")
     for name, v in s.items():
         print(f"  {name:<9} p50 {v['p50']:6.2f} s  p95 {v['p95']:6.2f} s  mean {v['mean']:6.2f} s")
-    pairs = [(a, b) for a, b in (("served", "bare"), ("no cache", "bare"), ("served", "no cache")) if b in s]
+    pairs = [("served", "bare")] if "bare" in s else []
     for a, b in pairs:
         print(f"  {a} / {b}: {s[a]['mean'] / s[b]['mean']:.3f}x (means), "
               f"{s[a]['p50'] / s[b]['p50']:.3f}x (p50)")
@@ -185,9 +169,8 @@ def main() -> None:
         report(result)
     if args.channels:
         result["at_once"] = batched = asyncio.run(at_once(args, persona))
-        seconds = batched["seconds"]
-        print(f"\n{batched['channels']} chats, {batched['turns']} turns: together {seconds['together']} s, "
-              f"one at a time {seconds['one at a time']} s: {batched['throughput_ratio']}x")
+        print(f"\n{batched['channels']} chats, {batched['turns']} turns: {batched['seconds']} s; "
+              f"throughput against one at a time: {batched['throughput_ratio']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

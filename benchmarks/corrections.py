@@ -93,13 +93,10 @@ def _rank(key: str) -> str:
 def positions(val: list[dict], n: int) -> list[tuple[dict, int]]:
     """(sample, index of one of the person's replies that answers a message): every sample's last
     reply first, then earlier ones, `n` in all, in a stable order."""
-    from training.prompt import without_recall
-
     found = []
     for s in val:
-        messages = without_recall(s["messages"])
-        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= 2
-                   and messages[i - 1]["role"] == "user"]
+        replies = [i for i, m in enumerate(s["messages"]) if m["role"] == "assistant" and i >= 2
+                   and s["messages"][i - 1]["role"] == "user"]
         for depth, i in enumerate(reversed(replies)):
             found.append((depth, _rank(f"{s['conversation']}:{i}"), s, i))
     found.sort(key=lambda f: f[:2])
@@ -109,9 +106,9 @@ def positions(val: list[dict], n: int) -> list[tuple[dict, int]]:
 def recalled_for(sample: dict, i: int, persona_index, embedder, count_tokens) -> list:
     """What serving would recall for the message before reply `i` (as prepare gives samples)."""
     from training.index import query_of, recall
-    from training.prompt import RECALL_TOKENS, fit_recalled, without_recall
+    from training.prompt import RECALL_TOKENS, fit_recalled
 
-    query = query_of(without_recall(sample["messages"])[: i + 1])
+    query = query_of(sample["messages"][: i + 1])
     if not query:
         return []
     found = recall(persona_index, embedder.embed([query])[0], sample["conversation"])
@@ -145,20 +142,18 @@ def synthesize(persona, data: Path, model, tokenizer, embedder, count_tokens, n:
     the owner's text."""
     from training.encode import load_jsonl
     from training.index import PersonaIndex
-    from training.prompt import system_prompt, with_recalled, without_recall
+    from training.prompt import system_prompt
 
     persona_index = PersonaIndex.load(data / "index")
     chosen = positions(load_jsonl(data / "val.jsonl"), n)
     items = []
     for s, i in chosen:
         recalled = recalled_for(s, i, persona_index, embedder, count_tokens)
-        messages = without_recall(s["messages"])
-        system = {"role": "system", "content": system_prompt(persona)}
         items.append({"id": _rank(f"{s['conversation']}:{i}")[:16], "conversation": s["conversation"],
-                      "context": messages[1:i], "recalled": [asdict(r) for r in recalled],
-                      "text": messages[i]["content"],
-                      "prompt": with_recalled([system, *messages[1:i]], recalled)})
-    prompts = [c["prompt"] for c in items]
+                      "context": s["messages"][1:i], "recalled": [asdict(r) for r in recalled],
+                      "text": s["messages"][i]["content"],
+                      "system": system_prompt(persona, recalled)})
+    prompts = [[{"role": "system", "content": c["system"]}, *c["context"]] for c in items]
     speakers = [speakers_of(c["context"]) for c in items]
     for c, reply in zip(items, clone_replies(model, tokenizer, prompts, speakers), strict=True):
         c["reply"] = reply
@@ -211,7 +206,7 @@ def reply_row(c: dict, answer: str, tokenizer) -> dict:
     """The answer labelled alone after the correction's prompt (its end-of-turn token included)."""
     from training.encode import IGNORE, encode
 
-    prompt = c["prompt"]
+    prompt = [{"role": "system", "content": c["system"]}, *c["context"]]
     prefix = len(encode(prompt, tokenizer, add_generation_prompt=True).input_ids)
     e = encode([*prompt, {"role": "assistant", "content": answer}], tokenizer)
     return {"input_ids": e.input_ids, "labels": [IGNORE] * prefix + e.labels[prefix:]}

@@ -389,13 +389,10 @@ def build_variants(root: Path, version: str, data: Path, args) -> tuple[list[Var
     attached, tokenizer, manifest = adapters.load(root, version)
     base = load_model(adapters.locate_base(manifest, root / version))
     new_model, _, _ = load_clone(root, version, precision=args.precision, dataset=data)
-    # Each prompt is measured as a chat's first turn: no prefix cache (the rounds repeat prompts,
-    # which a cache would not read again). A chat's later turns: benchmarks/chat_speed.py.
-    fresh = GenerationSettings(prefix_cache=0)
-    fixed = GenerationSettings(natural_length=False, threads=None, prefix_cache=0)
+    fixed = GenerationSettings(natural_length=False, threads=None)
     variants = [Variant("bare", base.eval(), None),
                 Variant("today", attached, LocalBackend(attached, tokenizer, fixed)),
-                Variant("new", new_model, LocalBackend(new_model, tokenizer, fresh))]
+                Variant("new", new_model, LocalBackend(new_model, tokenizer))]
     levers = set(args.levers.split(",")) if args.levers else set()
     if unknown := levers - set(LEVERS):
         raise SystemExit(f"--levers: unknown {sorted(unknown)}; known: {','.join(LEVERS)}")
@@ -406,9 +403,9 @@ def build_variants(root: Path, version: str, data: Path, args) -> tuple[list[Var
     for lever in (lever for lever in LEVERS if lever in floats):
         model = derived[lever]()
         setattr(model, NATURAL_ATTR, getattr(merged, NATURAL_ATTR))
-        variants.append(Variant(f"merged {lever}", model, LocalBackend(model, tokenizer, fresh)))
+        variants.append(Variant(f"merged {lever}", model, LocalBackend(model, tokenizer)))
     if "all-threads" in levers:
-        everything = LocalBackend(new_model, tokenizer, GenerationSettings(threads=None, prefix_cache=0))
+        everything = LocalBackend(new_model, tokenizer, GenerationSettings(threads=None))
         variants.append(Variant(f"new, {torch.get_num_threads()} threads", new_model, everything))
     return variants, attached, tokenizer
 

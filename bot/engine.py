@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
@@ -50,11 +49,6 @@ from training.prompt import (
 
 log = logging.getLogger(__name__)
 BUSY_REPLY = "Sorry, I'm swamped right now. Try again in a minute?"
-# When a conversation outgrows the prompt, its oldest turns go until this share of the budget is
-# free: the window's start then stays put for the next few turns, so their prompts begin the same
-# way and a local backend reads only what is new (training.generate.PrefixCache).
-WINDOW_SLACK = 0.25
-WINDOW_CHANNELS = 4096  # channels whose window start is remembered
 UNAVAILABLE_REPLY = "Sorry, I can't answer right now. Try again in a minute?"
 
 
@@ -139,7 +133,6 @@ class Engine:
         self.grounded_candidates = grounded_candidates
         self.recall_answers = recall_answers
         self._order = KeyedLocks()
-        self._starts: OrderedDict[ChannelKey, float] = OrderedDict()  # each window's first turn
         # Called with each prompt before it is generated from: the owner's console shows what a reply
         # drew on and stores it with a correction. None (the bots): nothing is kept.
         self.on_prompt: Callable[[ChannelKey, list[dict[str, str]], list[Recalled]], None] | None = None
@@ -153,44 +146,27 @@ class Engine:
         order, while other channels go on in parallel."""
         return self._order.hold(self.key(platform, channel).base())
 
-    def prompt(self, history: list[Turn], incoming: Incoming, recalled: list[Recalled] | None = None,
-               key: ChannelKey | None = None) -> list[dict[str, str]]:
+    def prompt(self, history: list[Turn], incoming: Incoming,
+               recalled: list[Recalled] | None = None) -> list[dict[str, str]]:
         """The prompt contract over the recalled items and as much recent history as fits the
-        token budget; a message over the budget on its own keeps its end. Given the channel's
-        `key`, the window starts where it started last time while that fits, and a cut frees
-        WINDOW_SLACK of the budget."""
+        token budget; a message over the budget on its own keeps its end."""
         recalled = recalled or []
         others = {t.author_id for t in history if not t.from_persona} | {incoming.author_id}
         group = not incoming.is_dm or len(others) > 1
-        start = self._starts.get(key) if key is not None else None
-        kept = [t for t in history if start is None or t.at >= start]
-        budget = self.prompt_tokens
+        utterances = [Utterance(t.author, t.text, t.from_persona) for t in history]
+        utterances.append(Utterance(incoming.author, incoming.text, False))
         while True:
-            utterances = [Utterance(t.author, t.text, t.from_persona) for t in kept]
-            utterances.append(Utterance(incoming.author, incoming.text, False))
             messages = to_chat_messages(self.persona, utterances, group, recalled)
             size = prompt_tokens(messages, self.count_tokens)
-            if size <= budget or (not kept and size <= self.prompt_tokens):
-                self._window_starts(key, kept[0].at if kept else time.time())
+            if size <= self.prompt_tokens:
                 return messages
-            if kept:
-                kept = kept[1:]  # the oldest goes first, and a reply with the message it answered
-                while kept and kept[0].from_persona:
-                    kept = kept[1:]
-                budget = int(self.prompt_tokens * (1 - WINDOW_SLACK)) if key is not None else budget
+            if len(utterances) > 1:
+                utterances = utterances[1:]  # the oldest goes first
                 continue
             [alone] = utterances  # the incoming message, over the budget by itself
             room = self.prompt_tokens - (size - self.count_tokens(alone.text))
             text = keep_end_within(alone.text, self.count_tokens, room)
             return to_chat_messages(self.persona, [replace(alone, text=text)], group, recalled)
-
-    def _window_starts(self, key: ChannelKey | None, at: float) -> None:
-        if key is None:
-            return
-        self._starts[key] = at
-        self._starts.move_to_end(key)
-        while len(self._starts) > WINDOW_CHANNELS:
-            self._starts.popitem(last=False)
 
     async def handle(self, incoming: Incoming) -> list[str]:
         started = time.monotonic()
@@ -204,7 +180,7 @@ class Engine:
         vector = await self.recaller.embed(incoming.text) if self.recaller else None
         found = await self._recall(asked, vector, history)
         recalled = fit_recalled([f.item for f in found], self.count_tokens, self.recall_tokens)
-        prompt = self.prompt(history, incoming, recalled, key)
+        prompt = self.prompt(history, incoming, recalled)
         if self.on_prompt is not None:  # a fact answer drew on the same items: the console shows them
             self.on_prompt(key, prompt, recalled)
         raw = await self._answer(prompt, incoming, found)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bot.engine import Busy, Generated
-from training.generate import PrefixCache, generate_turns
+from training.generate import generate_turns
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,6 @@ class GenerationSettings:
     # Grounded candidates of one reply stop once this many have ended (EnoughEnded): a batch waits
     # for its longest row, and the nearest of a few whole candidates is as good as of all.
     enough_candidates: int = 2
-    # Chats whose last prompt's keys and values are kept for their next turn to start from
-    # (training.generate.PrefixCache; 0: none): about 25 MB each for the packaged model.
-    prefix_cache: int = 8
 
 
 @dataclass
@@ -277,7 +274,6 @@ class LocalBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.settings = settings or GenerationSettings()
-        self.prefix = PrefixCache(self.settings.prefix_cache) if self.settings.prefix_cache > 0 else None
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -346,7 +342,7 @@ class LocalBackend:
 
     def swap(self, model, tokenizer) -> None:
         """Serve another model from the next batch on; the batch in flight finishes on the old one."""
-        self.model, self.tokenizer = model.eval(), tokenizer  # the prefix cache drops the old one's
+        self.model, self.tokenizer = model.eval(), tokenizer
 
     def generate_batch(self, conversations: list[list[dict[str, str]]],
                        plain: list[list[dict[str, str]] | None] | None = None,
@@ -362,7 +358,7 @@ class LocalBackend:
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
             top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (),
-            contrast=s.contrast, groups=groups or (), enough=s.enough_candidates, prefix=self.prefix)
+            contrast=s.contrast, groups=groups or (), enough=s.enough_candidates)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

@@ -12,7 +12,7 @@ from training import adapters, corrections, dataset, feedback
 from training.config import PrepareConfig
 from training.encode import IGNORE
 from training.persona import Persona
-from training.prompt import RECALL_HEADER, system_prompt, without_recall
+from training.prompt import Recalled, system_prompt
 from training.train import load_pairs, load_split, train
 
 from .conftest import chat_messages
@@ -48,9 +48,9 @@ def corrected_dataset(folder: Path, items: list[dict], count_tokens) -> Path:
 def test_a_corrected_reply_becomes_a_sample_of_the_prompt_contract(count_tokens):
     out = fed([correction(1, text="yes!! 8pm?")], count_tokens)
     [sample] = out.samples
-    recall_turn = {"role": "system", "content": f"{RECALL_HEADER}\n- I work late on Fridays"}
-    assert sample["messages"] == [{"role": "system", "content": system_prompt(PERSONA)}, *CONTEXT[:-1],
-                                  recall_turn, CONTEXT[-1], {"role": "assistant", "content": "yes!! 8pm?"}]
+    recalled = [Recalled("I work late on Fridays")]
+    assert sample["messages"] == [{"role": "system", "content": system_prompt(PERSONA, recalled)}, *CONTEXT,
+                                  {"role": "assistant", "content": "yes!! 8pm?"}]
     assert sample["correction"] is True and sample["conversation"] == "correction:c1"
     [pair] = out.pairs
     assert pair["prompt"] == sample["messages"][:-1]
@@ -79,7 +79,7 @@ def test_a_reply_rated_good_is_the_target(count_tokens):
     out = fed([correction(1, rating="good", reply="sure, after 8\nwhere?")], count_tokens)
     [sample] = out.samples
     assert sample["messages"][-1] == {"role": "assistant", "content": "sure, after 8\nwhere?"}
-    assert without_recall(sample["messages"])[1:-1] == CONTEXT
+    assert sample["messages"][1:-1] == CONTEXT
     assert out.pairs == []  # nothing was rejected
 
 
@@ -106,7 +106,7 @@ def test_malformed_and_oversized_corrections_are_skipped(count_tokens):
         "malformed": 2, "over the token budget": 1, "without the message it answered": 1}
     # A long conversation loses its oldest turns first, as serving's prompt does.
     kept = fed([correction(4, text="ok", context=[*long_context, *CONTEXT])], count_tokens)
-    assert without_recall(kept.samples[0]["messages"])[1:-1] == CONTEXT
+    assert kept.samples[0]["messages"][1:-1] == CONTEXT
 
 
 def test_phone_numbers_and_emails_in_corrections_are_redacted(count_tokens, tmp_path):

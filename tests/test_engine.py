@@ -275,29 +275,6 @@ def test_a_message_over_the_prompt_budget_alone_keeps_its_end_within_the_budget(
     assert 150 < size <= 200  # cut to the budget, not far below it
 
 
-def test_a_long_chat_keeps_its_window_start_and_cuts_it_in_steps(count_tokens):
-    """A window cut one turn at a time would change the prompt's start at every turn once a chat
-    fills it; the backend's prefix cache needs the start to stay put for a few turns."""
-    backend = FixedBackend("sounds good")
-    engine = Engine(PERSONA, backend, EmbeddedMemory(None), count_tokens, prompt_tokens=400)
-
-    async def chat() -> None:
-        for i in range(40):
-            await engine.handle(Incoming("test", "c1", "u1", "Ana", f"message {i}: what did you do today?"))
-
-    asyncio.run(chat())
-    sizes = [sum(count_tokens(m["content"]) + 6 for m in p) for p in backend.prompts]
-    assert max(sizes) <= 400
-    starts = [p[1]["content"] for p in backend.prompts]  # the window's oldest turn
-    cuts = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
-    assert len(cuts) >= 2  # the chat outgrew the window more than once
-    assert len(cuts) <= len(starts) // 3  # between cuts, turns only add to the end
-    assert all(sizes[i] <= 400 * 0.75 for i in cuts)  # a cut leaves room for the next turns
-    for i in range(1, len(starts)):
-        if i not in cuts:  # the previous prompt, less its question, starts this one
-            assert backend.prompts[i][: len(backend.prompts[i - 1]) - 1] == backend.prompts[i - 1][:-1]
-
-
 def test_a_persona_toml_that_is_a_folder_is_one_line_and_exit_2(tmp_path, capsys):
     from cli.main import main
 

@@ -237,86 +237,8 @@ def test_fp16_weights_answer_as_fp32_where_fbgemm_runs_them(tiny_base, tokenizer
 
 
 
-# -- a chat's next turn starts from its last prompt (PrefixCache) ----------------------------------
 
-def reads(model) -> list[int]:
-    """The tokens each forward pass of `model` reads, appended as it runs."""
-    read: list[int] = []
-
-    def count(module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        read.append(ids.shape[1])
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    return read
-
-
-def test_a_chats_next_turn_reads_only_what_is_new(tiny_base, tokenizer):
-    from training.encode import encode
-    from training.prompt import turn_text
-
-    model = load_model(resolve_base(str(tiny_base))).eval()
-    read = reads(model)
-    greedy = GenerationSettings(max_new_tokens=8, temperature=0, repetition_penalty=1.0, natural_length=False)
-    cached = LocalBackend(model, tokenizer, greedy)
-    fresh = LocalBackend(model, tokenizer, GenerationSettings(**{**vars(greedy), "prefix_cache": 0}))
-    first = [{"role": "system", "content": "You are Sam. Reply the way Sam texts."},
-             {"role": "user", "content": "hey, how was the weekend?"}]
-    [reply] = cached.generate_batch([first])
-    second = [*first, {"role": "assistant", "content": turn_text(reply.text) or "ok"},
-              {"role": "user", "content": "nice, and what are you up to tonight?"}]
-
-    read.clear()
-    [again] = cached.generate_batch([second])
-    prompt = [len(encode(m, tokenizer, add_generation_prompt=True).input_ids) for m in (first, second)]
-    assert read[0] <= prompt[1] - prompt[0]  # the first turn's prompt is not read again
-    read.clear()
-    [whole] = fresh.generate_batch([second])
-    assert read[0] == prompt[1]  # without the cache, all of it
-    assert again == whole  # and the same reply
-
-    # Another model (an adapter swap) reads the prompt whole: the caches were the old model's.
-    other = load_model(resolve_base(str(tiny_base))).eval()
-    read_other = reads(other)
-    cached.swap(other, tokenizer)
-    cached.generate_batch([second])
-    assert read_other[0] == prompt[1]
-
-
-def test_a_batch_of_chats_each_starts_from_its_own_last_prompt(tiny_base, tokenizer):
-    """Several channels at once: each row's kept start is placed in one cache, the padding between
-    it and the rest of its prompt masked; the replies are those of prompts read whole."""
-    from training.encode import encode
-    from training.generate import PrefixCache, shared_length
-
-    assert shared_length([1, 2, 3, 4], [1, 2, 9]) == 2 and shared_length([1, 2], [1, 2, 3]) == 2
-    model = load_model(resolve_base(str(tiny_base))).eval()
-    read = reads(model)
-    greedy = GenerationSettings(max_new_tokens=6, temperature=0, repetition_penalty=1.0, natural_length=False)
-    cached = LocalBackend(model, tokenizer, greedy)
-    fresh = LocalBackend(model, tokenizer, GenerationSettings(**{**vars(greedy), "prefix_cache": 0}))
-    firsts = [[{"role": "system", "content": f"You are {name}. Reply the way {name} texts."},
-               {"role": "user", "content": text}]
-              for name, text in (("Sam", "hey"), ("Alex", "so what did you think of the film last night?"))]
-    cached.generate_batch(firsts)  # both chats' first turns, read whole and kept
-    assert len(cached.prefix) == 2
-    seconds = [[*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": text}]
-               for first, text in zip(firsts, ("and tomorrow?", "cool"), strict=True)]
-    seconds.append([{"role": "system", "content": "You are Jo."}, {"role": "user", "content": "a new chat"}])
-    read.clear()
-    again = cached.generate_batch(seconds)
-    prompt = max(len(encode(m, tokenizer, add_generation_prompt=True).input_ids) for m in seconds)
-    assert read[0] < prompt  # the batch read less than its longest prompt
-    assert again == fresh.generate_batch(seconds)  # and answered as if it had read them whole
-
-    backend = LocalBackend(model, tokenizer, GenerationSettings(max_new_tokens=4, prefix_cache=2))
-    assert isinstance(backend.prefix, PrefixCache)
-    for name in ("Sam", "Alex", "Jo"):  # three chats that share no start
-        backend.generate_batch([[{"role": "system", "content": f"{name} is who you are."},
-                                 {"role": "user", "content": "hi"}]])
-    assert len(backend.prefix) == 2  # the least recently used went
-    assert LocalBackend(model, tokenizer, GenerationSettings(prefix_cache=0)).prefix is None
-
+# -- several channels at once ------------------------------------------------------------------
 
 def test_requests_arriving_a_few_milliseconds_apart_share_a_batch(tiny_base, tokenizer):
     """Channels that send at once reach the queue one after another (each after its recall): the

@@ -15,16 +15,16 @@ from bot.generation import GenerationSettings, LocalBackend
 from training.base_model import load_model, resolve_base
 from training.encode import encode
 from training.generate import generate_turns
-from training.prompt import RECALL_HEADER, Recalled, with_recalled, without_recall
+from training.prompt import RECALL_HEADER, Recalled, recall_block
 
 SYSTEM = "You are Sam. Reply the way Sam texts."
-FACT = [Recalled("A golden retriever named Copper", asked="Do you have any pets?")]
+FACT = recall_block([Recalled("A golden retriever named Copper", asked="Do you have any pets?")])
 CHATS = [
-    with_recalled([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "got a dog?"}], FACT),
+    [{"role": "system", "content": SYSTEM + FACT}, {"role": "user", "content": "got a dog?"}],
     [{"role": "system", "content": SYSTEM},
      {"role": "user", "content": "a much longer message than the other one, so that rows are padded"}],
 ]
-PLAIN = without_recall(CHATS[0])
+PLAIN = [{"role": "system", "content": SYSTEM}, CHATS[0][1]]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_the_serving_queue_carries_grounded_requests(model, tokenizer):
     assert len(grounded) == 3 and all(g.text for g in grounded) and ordinary.text is not None
     assert [p for plain, _ in seen for p in (plain or [None])].count(PLAIN) == 3  # a row per candidate
     assert [g for _, groups in seen for g in (groups or [])] in ([[0, 1, 2]], [[1, 2, 3]])
-    assert all(RECALL_HEADER not in m["content"] for m in PLAIN)
+    assert RECALL_HEADER not in PLAIN[0]["content"]
 
 
 def test_candidates_stop_once_enough_have_ended():

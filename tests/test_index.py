@@ -23,14 +23,12 @@ from training.knowledge import Item
 from training.persona import Persona
 from training.prompt import (
     RECALL_HEADER,
-    TURN_OVERHEAD,
     Recalled,
     Utterance,
     fit_recalled,
     recall_block,
     system_prompt,
     to_chat_messages,
-    without_recall,
 )
 
 FACTS = [  # (asked, answer, source): facts of a CSV are read as exchanges of one conversation
@@ -293,22 +291,11 @@ def sample(conversation: str, *utts: Utterance) -> dict:
     return {"messages": to_chat_messages(SAM, utts), "conversation": conversation}
 
 
-def recall_turn(messages: list[dict[str, str]]) -> str:
-    """The recalled items' turn ("" without one), checked to stand right before the message the
-    sample's reply answers, the system prompt untouched."""
-    assert messages[0]["content"] == system_prompt(SAM)
-    turns = [i for i, m in enumerate(messages) if m["content"].startswith(RECALL_HEADER)]
-    if not turns:
-        return ""
-    [at] = turns
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    assert messages[at]["role"] == "system" and at + 1 == users[-1]
-    return messages[at]["content"]
-
-
-def recalled_lines(messages: list[dict[str, str]]) -> list[str]:
-    turn = recall_turn(messages)
-    return turn.split(RECALL_HEADER + "\n", 1)[1].splitlines() if turn else []
+def recalled_lines(content: str) -> list[str]:
+    base = system_prompt(SAM)
+    assert content.startswith(base)
+    block = content[len(base):]
+    return block.split(RECALL_HEADER + "\n", 1)[1].splitlines() if block else []
 
 
 def them(text: str) -> Utterance:
@@ -324,34 +311,36 @@ def test_attach_recalled_shows_the_fact_never_the_samples_own_exchange(index, em
     other = sample("c9", them("any animals at home?"), sam("yes a dog"))
     silent = sample("c3", sam("anyone up?"))
     turns = [[m.copy() for m in s["messages"]] for s in (own, other, silent)]
-    budget = 50 + TURN_OVERHEAD  # the header and two or three items, and the turn's markers
-    attach_recalled([own, other, silent], index, embedder, words, budget)
+    budget = 50  # the header and two or three items
+    attach_recalled([own, other, silent], index, embedder, SAM, words, budget)
 
     pet = "- Q: Do you have a pet? A: Our golden retriever Copper, he lives with my parents"
     dog = "- Q: do you have a dog at home? A: yes copper, best dog ever"
-    own_lines = recalled_lines(own["messages"])
+    own_lines = recalled_lines(own["messages"][0]["content"])
     assert own_lines[-1] == pet  # the best match last, nearest the conversation
     assert dog not in own_lines  # its own conversation's exchange, the closest match of all
     c3_replies = [reply for i, (_, reply) in enumerate(EXCHANGES) if i % 5 == 3]
     assert not [ln for ln in own_lines if any(ln.endswith(f"A: {r}") for r in c3_replies)]
     # Another conversation is shown that exchange: it was hidden only from its own.
-    other_lines = recalled_lines(other["messages"])
+    other_lines = recalled_lines(other["messages"][0]["content"])
     assert other_lines[-1] == pet and dog in other_lines
     for s, before in zip((own, other), turns[:2], strict=True):
-        assert 0 < words(recall_turn(s["messages"])) + TURN_OVERHEAD <= budget
-        assert without_recall(s["messages"]) == before  # only the recalled items' turn is new
+        block = s["messages"][0]["content"][len(system_prompt(SAM)):]
+        assert 0 < words(block) <= budget
+        assert s["messages"][1:] == before[1:]  # only the system prompt changes
     assert silent["messages"] == turns[2]  # nothing asked, nothing recalled
 
 
 def test_attach_recalled_respects_the_token_budget(index, embedder):
     for budget in (0, 10, 25, 60, 200):
         s = sample("c9", them("any animals at home?"), sam("yes a dog"))
-        attach_recalled([s], index, embedder, words, budget)
-        turn = recall_turn(s["messages"])
-        assert not turn or words(turn) + TURN_OVERHEAD <= budget
+        attach_recalled([s], index, embedder, SAM, words, budget)
+        block = s["messages"][0]["content"][len(system_prompt(SAM)):]
+        assert words(block) <= budget
         found = recall(index, vector(embedder, "any animals at home?"), "c9")
-        assert [r.line() for r in fit_recalled(found, words, budget)] == recalled_lines(s["messages"])
-    assert recall_turn(s["messages"])  # 200 tokens hold something
+        assert [r.line() for r in fit_recalled(found, words, budget)] == recalled_lines(
+            s["messages"][0]["content"])
+    assert s["messages"][0]["content"] != system_prompt(SAM)  # 200 tokens hold something
 
 
 # -- fit_recalled -----------------------------------------------------------------------------------
@@ -362,8 +351,7 @@ def test_fit_recalled_puts_the_best_item_last():
 
 
 def test_fit_recalled_skips_what_does_not_fit_and_keeps_what_does():
-    # The header's words (without "- x") and the turn's markers.
-    header = words(recall_block([Recalled("x")])) - 2 + TURN_OVERHEAD
+    header = words(recall_block([Recalled("x")])) - 2  # the header's words, without "- x"
     big = Recalled(" ".join(["long"] * 50))
     best_first = [Recalled("best item"), big, Recalled("third"), Recalled("fourth")]
     chosen = fit_recalled(best_first, words, budget=header + 3 + 2 + 2)

@@ -96,8 +96,7 @@ def said(text: str, channel: str = "c1", user: str = "u1") -> Incoming:
 
 
 def system_of(recording: Recording) -> str:
-    """The system prompt and the recalled items' turn of the last prompt: what the model is told."""
-    return "\n".join(m["content"] for m in recording.prompts[-1] if m["role"] == "system")
+    return recording.prompts[-1][0]["content"]
 
 
 def test_prepare_indexes_facts_notes_and_exchanges_redacted(known):
@@ -111,7 +110,7 @@ def test_prepare_indexes_facts_notes_and_exchanges_redacted(known):
             assert b"sam.r@example.com" not in path.read_bytes(), path
     dog = [json.loads(line) for line in (known.dataset / "train.jsonl").open()
            if "What's your dog's name?" in line and '"knowledge": true' in line]
-    assert dog and "Biscuit" in dog[0]["messages"][-3]["content"]  # the fact is recalled for itself
+    assert dog and "Biscuit" in dog[0]["messages"][0]["content"]  # the fact is recalled for itself
 
 
 def test_no_training_sample_recalls_its_own_conversation(known):
@@ -338,11 +337,9 @@ def test_grounded_decoding_when_a_knowledge_item_scores_high(known, model, embed
     asyncio.run(go())
     assert steered.calls == ["grounded", "sampled", "sampled", "sampled"]
     [(messages, plain)] = steered.grounded
-    # The recalled items' turn stands right before the question; the plain prompt lacks only it.
-    assert messages[-2]["role"] == "system" and messages[-2]["content"].startswith(RECALL_HEADER)
-    assert messages[-1] == {"role": "user", "content": "what's your dog called?"}
+    assert RECALL_HEADER in messages[0]["content"] and RECALL_HEADER not in plain[0]["content"]
     assert plain[0]["content"] == system_prompt(engine.persona)  # the persona's, nothing recalled
-    assert plain == [*messages[:-2], messages[-1]]
+    assert plain[1:] == messages[1:]  # the same conversation: only the recalled items differ
 
 
 class Candidates(Steered):

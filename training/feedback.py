@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from training.persona import Persona
 from training.privacy import Redactor
-from training.prompt import Recalled, prompt_tokens, system_prompt, with_recalled
+from training.prompt import Recalled, prompt_tokens, system_prompt
 
 ROLES = ("user", "assistant")
 SOURCE_PREFIX = "correction:"  # a sample's `conversation`: never a chat's key
@@ -127,12 +127,11 @@ def fit_prompt(c: Correction, persona: Persona, answers: Iterable[str], count_to
     """The chat-template messages before the answer, through the prompt contract, fitting
     `max_tokens` with the longest of `answers`; the oldest turns go first, as serving drops them.
     None when even the owner's last message alone does not fit."""
-    system = {"role": "system", "content": system_prompt(persona)}
+    system = {"role": "system", "content": system_prompt(persona, c.recalled)}
     longest = max((prompt_tokens([{"role": "assistant", "content": a}], count_tokens) for a in answers),
                   default=0)
     for start in range(len(c.context)):
-        turns = [{"role": r, "content": t} for r, t in c.context[start:]]
-        messages = with_recalled([system, *turns], c.recalled)
+        messages = [system, *({"role": r, "content": t} for r, t in c.context[start:])]
         if prompt_tokens(messages, count_tokens) + longest <= max_tokens:
             return messages
     return None

@@ -6,17 +6,10 @@ message's text can never become a template token, however it is written.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-from transformers import (
-    DynamicCache,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from training.encode import encode
@@ -31,14 +24,13 @@ def generate_turns(
     model, tokenizer, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 64,
     temperature: float = 0.8, top_p: float = 0.9, repetition_penalty: float = 1.0,
     plain: Sequence[list[dict[str, str]] | None] = (), contrast: float = 1.0,
-    groups: Sequence[Sequence[int]] = (), enough: int = 2, prefix: PrefixCache | None = None,
+    groups: Sequence[Sequence[int]] = (), enough: int = 2,
 ) -> list[tuple[str, bool]]:
     """(raw text, truncated) per conversation: left-padded, one batch. `truncated` is True when
     the row stopped before the model ended its turn. `plain`: per conversation, the same prompt
     without its recalled items, for the rows to decode by RecallContrast (None, or left out: an
     ordinary row). `groups`: rows that are candidates of one reply; once `enough` of a group's
-    rows have ended, its other rows stop there (truncated). `prefix`: a batch of ordinary rows
-    starts each row from the longest start of its prompt read before, and keeps its own there."""
+    rows have ended, its other rows stop there (truncated)."""
     prompts = [encode(c, tokenizer, add_generation_prompt=True).input_ids for c in conversations]
     pad = tokenizer.pad_token_id
     ids, mask = left_padded(prompts, pad)
@@ -53,15 +45,8 @@ def generate_turns(
     enough_ended = EnoughEnded(groups, enough, ends, ids.shape[1])
     stop = StoppingCriteriaList([enough_ended] if groups else [])
     ids, mask = ids.to(device), mask.to(device)
-    reuse = prefix is not None and not contrasted and not groups
-    if reuse:  # each row starts from the longest start of its prompt read before: the rest is read
-        ids, mask, cache = from_prefixes(model, prompts, prefix, pad)
-        ids, mask = ids.to(device), mask.to(device)
-        shared = {_CACHE: cache}
-    elif repeats(ids):  # rows that repeat a prompt (a grounded reply's candidates): each read once
-        shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1])[0]}
-    else:
-        shared = {}
+    # Rows that repeat a prompt (a grounded reply's candidates): each distinct prompt read once.
+    shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1])[0]} if repeats(ids) else {}
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -75,8 +60,6 @@ def generate_turns(
         repetition_penalty=repetition_penalty,
         pad_token_id=pad,
     )
-    if reuse:
-        keep_rows(prefix, out, mask, shared[_CACHE], ends)
     new = out[:, ids.shape[1]:]
     texts = tokenizer.batch_decode(new, skip_special_tokens=False)
     return [(text, i in enough_ended.cut or (len(row) >= max_new_tokens and not ends & set(row.tolist())))
@@ -100,101 +83,6 @@ class EnoughEnded(StoppingCriteria):
                 done[group] = True
                 self.cut.update(i for i in group if not ended[i])
         return done
-
-
-class PrefixCache:
-    """The keys and values of the last few prompts read (with the turn generated after each), for
-    the next prompt of a chat to start from. The prompt contract keeps a chat's start (system
-    prompt, earlier turns) the same from one turn to the next, and reading a 400-token prompt is
-    most of a reply's time on a CPU: the next turn reads only what is new. Entries are matched by
-    their token ids, so no chat or platform is named here; `entries` bounds memory (about 46 KB
-    a token for SmolLM2-135M in fp32)."""
-
-    def __init__(self, entries: int = 8, least: int = 8) -> None:
-        self.entries, self.least = entries, least
-        self._kept: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.model = None  # the model the entries belong to: another one clears them
-
-    def longest(self, model, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(n, each layer's keys and values of ids[:n]): the longest kept start of `ids`, never all
-        of it (the model must read at least one token); (0, []) when none is `least` long."""
-        if model is not self.model:
-            self._kept.clear()
-            self.model = model
-        best, length = None, 0
-        for key in self._kept:
-            n = shared_length(key, ids[:-1])
-            if n > length:
-                best, length = key, n
-        if best is None or length < self.least:
-            return 0, []
-        layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self._kept[best]]
-        self._kept.move_to_end(best)
-        if 2 * length > len(best):  # the same chat going on: its newer entry will supersede this one
-            del self._kept[best]
-        return length, layers
-
-    def keep(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep each layer's keys and values of `ids`; the least recently used entry goes."""
-        if self.entries <= 0 or len(ids) < self.least:
-            return
-        self._kept[tuple(ids)] = layers
-        self._kept.move_to_end(tuple(ids))
-        while len(self._kept) > self.entries:
-            self._kept.popitem(last=False)
-
-    def clear(self) -> None:
-        self._kept.clear()
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-
-def from_prefixes(model, prompts: list[list[int]], prefix: PrefixCache, pad: int):
-    """(ids, mask, cache) of a batch whose rows start from their longest kept starts: the cache
-    holds each row's kept part right-aligned in its first `width` columns, the rest of each prompt
-    follows left-padded; padding in between is masked, and positions follow the mask."""
-    starts = [prefix.longest(model, p) for p in prompts]
-    width = max(n for n, _ in starts)
-    rest = max(len(p) - n for p, (n, _) in zip(prompts, starts, strict=True))
-    rows, masks = [], []
-    for p, (n, _) in zip(prompts, starts, strict=True):
-        gap = rest - (len(p) - n)
-        rows.append([pad] * (width - n) + p[:n] + [pad] * gap + p[n:])
-        masks.append([0] * (width - n) + [1] * n + [0] * gap + [1] * (len(p) - n))
-    cache = DynamicCache(config=model.config)
-    if width:
-        some = next(layers for n, layers in starts if n)
-        for i, (k0, _) in enumerate(some):
-            blank = k0.new_zeros(1, k0.shape[1], width, k0.shape[3])
-            keys = [torch.cat([blank[:, :, : width - n], layers[i][0]], dim=2) if n else blank
-                    for n, layers in starts]
-            values = [torch.cat([blank[:, :, : width - n], layers[i][1]], dim=2) if n else blank
-                      for n, layers in starts]
-            cache.update(torch.cat(keys), torch.cat(values), i)
-    return torch.tensor(rows), torch.tensor(masks), cache
-
-
-def keep_rows(prefix: PrefixCache, out: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
-              ends: set[int]) -> None:
-    """Keep each row's keys and values: its prompt (the columns its mask shows) and what it
-    generated before its end of turn, as far as the cache holds them."""
-    width, held = mask.shape[1], cache.get_seq_length()
-    for i in range(out.shape[0]):
-        generated = out[i, width:held].tolist()
-        made = next((j for j, t in enumerate(generated) if t in ends), len(generated))
-        columns = torch.cat([mask[i].nonzero().squeeze(1),
-                             torch.arange(width, width + made, device=mask.device)])
-        layers = [(layer.keys[i : i + 1, :, columns], layer.values[i : i + 1, :, columns])
-                  for layer in cache.layers]
-        prefix.keep(out[i, columns].tolist(), layers)
-
-
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens `a` and `b` share from their start."""
-    n = min(len(a), len(b))
-    differ = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
-    return int(differ[0]) if len(differ) else n
 
 
 def repeats(ids: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 
 from training.knowledge import Item
 from training.persona import Persona
-from training.prompt import RECALL_ITEMS, Recalled, fit_recalled, with_recalled
+from training.prompt import RECALL_ITEMS, Recalled, fit_recalled, system_prompt
 
 INDEX_FORMAT = 1
 # The person's knowledge base is what they wrote down to be known: it outranks a chat exchange
@@ -143,10 +143,10 @@ def recall(index: PersonaIndex, vector: np.ndarray, exclude_source: str | None =
 
 
 def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbedder,
-                    count_tokens: Callable[[str], int], budget: int) -> None:
+                    persona: Persona, count_tokens: Callable[[str], int], budget: int) -> None:
     """Give every sample the items serving would recall for its last message, from other
-    conversations and the knowledge base (never its own conversation: nothing leaks), in their
-    turn before that message, within `budget` tokens. Samples are changed in place."""
+    conversations and the knowledge base (never its own conversation: nothing leaks), in its
+    system prompt, within `budget` tokens. Samples are changed in place."""
     queries = [query_of(s["messages"]) for s in samples]
     unique = list(dict.fromkeys(q for q in queries if q))
     vectors = dict(zip(unique, embedder.embed(unique), strict=True)) if unique else {}
@@ -155,7 +155,7 @@ def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbe
             continue
         found = recall(index, vectors[query], sample.get("conversation"))
         chosen = fit_recalled(found, count_tokens, budget)
-        sample["messages"] = with_recalled(sample["messages"], chosen)
+        sample["messages"][0]["content"] = system_prompt(persona, chosen)
 
 
 def reindex(folder: Path, notes: list[Item], embedder: TextEmbedder) -> PersonaIndex:

@@ -133,7 +133,7 @@ def index_persona(
     notes = knowledge.notes(persona.knowledge, Redactor(persona.blocklist))
     built = index.build([*prepared.items, *notes], embedder, progress=True)
     samples = [*prepared.train, *prepared.val]
-    index.attach_recalled(samples, built, embedder, count_tokens, budget)
+    index.attach_recalled(samples, built, embedder, persona, count_tokens, budget)
     card = prepared.card
     card.index = {"embedding_model": built.model, "items": len(built),
                   "kinds": built.kinds(), "fingerprint": built.fingerprint}

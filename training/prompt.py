@@ -3,12 +3,9 @@ chat-template messages.
 
 Training samples and live prompts both go through `to_chat_messages`, so the model is served
 exactly the shape it was trained on. Recalled items (facts from the person's knowledge base,
-their own past exchanges, what this user told the clone before) are listed in a system turn of
-their own right before the message being answered, the best match last. Everything before that
-turn (the persona's system prompt, the earlier conversation) is then the same from one turn of a
-chat to the next, so serving reads it once and keeps it (bot.generation's prefix cache). Any
-change to what this module renders must bump `CONTRACT_VERSION`: adapters record it, and serving
-refuses one whose version it does not speak.
+their own past exchanges, what this user told the clone before) are listed at the end of the
+system prompt, the best match last, nearest the conversation. Any change to what this module renders must bump
+`CONTRACT_VERSION`: adapters record it, and serving refuses one whose version it does not speak.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from dataclasses import dataclass
 
 from training.persona import Persona
 
-CONTRACT_VERSION = 3  # 2: recalled items in the system prompt; 3: in a turn before the message
+CONTRACT_VERSION = 2  # 2: recalled items in the system prompt
 QUOTE_CHARS = 80  # a quoted message is cut to this many characters
 # <|im_start|> role \n ... <|im_end|> \n around a turn, plus one for merges at its edges.
 TURN_OVERHEAD = 6
@@ -64,46 +61,32 @@ class Recalled:
 
 
 def recall_block(recalled: Sequence[Recalled]) -> str:
-    """The recalled items as their turn lists them; "" when there are none."""
+    """The recalled items as the system prompt lists them; "" when there are none."""
     if not recalled:
         return ""
-    return RECALL_HEADER + "\n" + "\n".join(r.line() for r in recalled)
-
-
-def is_recall_turn(message: dict[str, str]) -> bool:
-    return message["role"] == "system" and message["content"].startswith(RECALL_HEADER + "\n")
-
-
-def with_recalled(messages: list[dict[str, str]], recalled: Sequence[Recalled]) -> list[dict[str, str]]:
-    """Chat messages with the recalled items' turn placed right before the last message of the
-    other side (the one answered), or after the system prompt when there is none."""
-    messages = without_recall(messages)
-    if not recalled:
-        return messages
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    at = users[-1] if users else 1
-    return [*messages[:at], {"role": "system", "content": recall_block(recalled)}, *messages[at:]]
+    return "\n\n" + RECALL_HEADER + "\n" + "\n".join(r.line() for r in recalled)
 
 
 def without_recall(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Chat messages as a clone without recall sees them: the recalled items' turn gone, the
-    conversation as it was."""
-    return [m for i, m in enumerate(messages) if i == 0 or not is_recall_turn(m)]
+    """Chat messages as a clone without recall sees them: the system prompt's recalled items gone,
+    the conversation as it was."""
+    system = messages[0]["content"].split("\n\n" + RECALL_HEADER)[0]
+    return [{"role": "system", "content": system}, *messages[1:]]
 
 
 def fit_recalled(
     best_first: Sequence[Recalled], count_tokens: Callable[[str], int], budget: int = RECALL_TOKENS,
     most: int = RECALL_ITEMS,
 ) -> list[Recalled]:
-    """The best items whose turn fits `budget` tokens, in prompt order (the best last)."""
+    """The best items whose block fits `budget` tokens, in prompt order (the best last)."""
     chosen: list[Recalled] = []
     for item in best_first[:most]:
-        if turn_tokens(recall_block([*chosen, item]), count_tokens) <= budget:
+        if count_tokens(recall_block([*chosen, item])) <= budget:
             chosen.append(item)
     return chosen[::-1]
 
 
-def system_prompt(persona: Persona) -> str:
+def system_prompt(persona: Persona, recalled: Sequence[Recalled] = ()) -> str:
     about = persona.description.rstrip()
     if about and about[-1] not in ".!?":
         about += "."
@@ -111,7 +94,7 @@ def system_prompt(persona: Persona) -> str:
     return (
         f"You are {persona.name}.{about} Reply in this chat the way {persona.name} texts: "
         f"same length, tone and habits. Each line you write is sent as a separate message."
-    )
+    ) + recall_block(recalled)
 
 
 def render_other(u: Utterance, group: bool) -> str:
@@ -129,9 +112,8 @@ def to_chat_messages(
     persona: Persona, utterances: Sequence[Utterance], group: bool = False,
     recalled: Sequence[Recalled] = (),
 ) -> list[dict[str, str]]:
-    """System prompt, then user/assistant turns (consecutive utterances of one side merge into a
-    turn), the recalled items' turn before the last message of the other side."""
-    messages = [{"role": "system", "content": system_prompt(persona)}]
+    """System prompt, then user/assistant turns; consecutive utterances of one side merge into a turn."""
+    messages = [{"role": "system", "content": system_prompt(persona, recalled)}]
     for u in utterances:
         role = "assistant" if u.from_persona else "user"
         content = u.text if u.from_persona else render_other(u, group)
@@ -139,7 +121,7 @@ def to_chat_messages(
             messages[-1]["content"] += "\n" + content
         else:
             messages.append({"role": role, "content": content})
-    return with_recalled(messages, recalled)
+    return messages
 
 
 def turn_text(generated: str) -> str:
