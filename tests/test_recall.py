@@ -219,9 +219,28 @@ def test_an_adapter_carries_its_index_and_eval_reports_recall(known, tiny_base, 
     report = evaluate(persona.adapters, persona.dataset, samples=2, max_new_tokens=4, base=str(tiny_base))
     assert {"adapter_no_recall", "base_no_recall"} <= set(report["perplexity"])
     assert set(report["context_gain"]) == {"adapter", "base"}
+    assert set(report["retrieval_gain_last_reply"]) == {"adapter", "base"}
     assert report["verdict"].startswith("Your clone")
     text = Path(report["report"]).read_text()
     assert "Retrieval gain, adapter" in text and "Which is the real reply?" in text
+    assert "Retrieval gain on the reply the items were recalled for" in text
+
+
+def test_the_last_reply_retrieval_gain_scores_that_reply_with_and_without_its_items(known, tokenizer):
+    from training.encode import IGNORE, load_jsonl
+    from training.evaluate import last_reply_rows
+
+    val = load_jsonl(known.dataset / "val.jsonl") + load_jsonl(known.dataset / "train.jsonl")
+    told = last_reply_rows(val, tokenizer, wrong=False, recall=True)
+    untold = last_reply_rows(val, tokenizer, wrong=False)
+    assert len(told) == len(untold) > 0
+
+    def scored(row: dict) -> list[int]:
+        return [t for t in row["labels"] if t != IGNORE]
+
+    assert all(scored(a) == scored(b) and scored(a) for a, b in zip(told, untold, strict=True))  # that reply
+    longer = [len(a["input_ids"]) - len(b["input_ids"]) for a, b in zip(told, untold, strict=True)]
+    assert min(longer) >= 0 and max(longer) > 0  # after its recalled items, where it has some
 
 
 def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):

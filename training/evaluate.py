@@ -102,11 +102,12 @@ def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[d
     return {k: round(math.exp(v), 3) for k, v in nll.items()}, n_tokens
 
 
-def last_reply_rows(val: list[dict], tokenizer, wrong: bool) -> list[dict]:
+def last_reply_rows(val: list[dict], tokenizer, wrong: bool, recall: bool = False) -> list[dict]:
     """Each sample's last reply of the person, labelled alone, after its own conversation or
     (`wrong`) after the next sample's; without recalled items, which would tell the true
-    conversation's topic."""
-    pairs = [(without_recall(s["messages"])[:-1], s["messages"][-1]) for s in val
+    conversation's topic, unless `recall` (and not `wrong`)."""
+    shown = (lambda m: m) if recall and not wrong else without_recall
+    pairs = [(shown(s["messages"])[:-1], s["messages"][-1]) for s in val
              if len(s["messages"]) >= 3 and s["messages"][-1]["role"] == "assistant"]
     rows = []
     for i, (context, reply) in enumerate(pairs):
@@ -119,22 +120,39 @@ def last_reply_rows(val: list[dict], tokenizer, wrong: bool) -> list[dict]:
     return rows
 
 
+def perplexity_ratio(model, pad: int, worse: list[dict], better: list[dict], what: str) -> dict[str, float]:
+    """Perplexity of the `worse` rows / of the `better` ones (the same replies, labelled alone),
+    for the adapter and for the base model (the adapter off)."""
+
+    def ratio() -> float:
+        better_nll, _ = mean_nll(model, better, pad, desc=f"Scoring, {what}")
+        worse_nll, _ = mean_nll(model, worse, pad, desc=f"Scoring, without {what}")
+        return round(math.exp(worse_nll - better_nll), 3)
+
+    with model.disable_adapter():
+        base = ratio()
+    return {"adapter": ratio(), "base": base}
+
+
 def context_gain(model, tokenizer, val: list[dict]) -> dict[str, float] | None:
     """Perplexity of the last reply after a wrong conversation / after the true one: adapter and
     base model. None with fewer than two samples."""
     if len(val) < 2:
         return None
-    pad = tokenizer.pad_token_id
     true_rows, wrong_rows = last_reply_rows(val, tokenizer, False), last_reply_rows(val, tokenizer, True)
+    return perplexity_ratio(model, tokenizer.pad_token_id, wrong_rows, true_rows, "the true context")
 
-    def gain() -> float:
-        true_nll, _ = mean_nll(model, true_rows, pad, desc="Scoring, true context")
-        wrong_nll, _ = mean_nll(model, wrong_rows, pad, desc="Scoring, wrong context")
-        return round(math.exp(wrong_nll - true_nll), 3)
 
-    with model.disable_adapter():
-        base = gain()
-    return {"adapter": gain(), "base": base}
+def last_reply_retrieval_gain(model, tokenizer, val: list[dict]) -> dict[str, float] | None:
+    """Perplexity of each sample's last reply without its recalled items / with them: adapter and
+    base model. The items were recalled for the message that reply answers, as serving recalls
+    them for each message; the perplexities' retrieval gain also counts a sample's earlier
+    replies, which serving would answer with items of their own. None without samples."""
+    told = last_reply_rows(val, tokenizer, wrong=False, recall=True)
+    if not told:
+        return None
+    untold = last_reply_rows(val, tokenizer, wrong=False)
+    return perplexity_ratio(model, tokenizer.pad_token_id, untold, told, "the recalled items")
 
 
 def sample_replies(model, tokenizer, val: list[dict], samples: int, max_new_tokens: int) -> dict:
@@ -181,6 +199,7 @@ def evaluate(
         "val_tokens": n_tokens,
         "dataset": card.get("fingerprint"),
         "context_gain": context_gain(model, tokenizer, val[:CONTEXT_SAMPLES]),
+        "retrieval_gain_last_reply": last_reply_retrieval_gain(model, tokenizer, val[:CONTEXT_SAMPLES]),
         "knowledge": quiz(model, tokenizer, folder) if quiz else None,
         **sample_replies(model, tokenizer, val, samples, max_new_tokens),
         "model": {

@@ -128,6 +128,11 @@ def _knowledge_section(result: dict) -> list[str]:
         if _is_number(bare) and _is_number(recalled) and recalled > 0:
             lines.append(f"- Retrieval gain, {name}: **{bare / recalled:.3f}** (perplexity without "
                          f"recalled items {bare:.2f} / with {recalled:.2f}; above 1: recall helps)")
+    last = result.get("retrieval_gain_last_reply")
+    if isinstance(last, dict):
+        lines.append(f"- Retrieval gain on the reply the items were recalled for: adapter "
+                     f"**{_fmt(last.get('adapter'))}**, base model {_fmt(last.get('base'))} (each "
+                     "held-out sample's last reply, without its recalled items / with them)")
     if isinstance(context, dict):
         lines.append(f"- Context gain: adapter **{_fmt(context.get('adapter'))}**, base model "
                      f"{_fmt(context.get('base'))} (perplexity of the real reply after another "
