@@ -267,3 +267,49 @@ def test_requests_arriving_a_few_milliseconds_apart_share_a_batch(tiny_base, tok
 
     assert run(gap=0.05) == [3]  # one batch
     assert run(gap=0.0)[0] == 1  # without the gap the first runs alone
+
+
+# -- sampling without sorting the vocabulary (Nucleus) -------------------------------------------
+
+def test_nucleus_gives_the_scores_of_transformers_own_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from training.generate import TOP_K, Nucleus
+
+    torch.manual_seed(0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    for spread in (4.0, 1.0, 0.01):  # nuclei of a few tokens, of dozens, all of the top-k
+        scores = torch.randn(5, 5000) * spread
+        for temperature, top_p in ((0.8, 0.9), (1.3, 0.5), (0.5, 0.99), (0.8, 1.0)):
+            want = scores.clone()
+            warpers = TemperatureLogitsWarper(temperature), TopKLogitsWarper(TOP_K), TopPLogitsWarper(top_p)
+            for warper in warpers:
+                want = warper(ids, want)
+            got = Nucleus(temperature, top_p)(ids, scores.clone())
+            assert torch.equal(torch.isinf(got), torch.isinf(want))  # the same tokens kept
+            assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
+    kept = (~torch.isinf(Nucleus(0.8, 0.9)(ids, torch.randn(5, 5000)))).sum(dim=1)
+    assert kept.min() >= 1 and kept.max() <= TOP_K
+
+
+def test_sampled_turns_are_those_of_transformers_own_sampling(tiny_base, tokenizer):
+    """The same seed, the same replies: Nucleus in place of transformers' temperature and top-p
+    changes nothing but the time."""
+    from training.encode import encode
+
+    model = load_model(resolve_base(str(tiny_base))).eval()
+    ids = torch.tensor([encode(HELLO[0], tokenizer, add_generation_prompt=True).input_ids])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        [(ours, _)] = generate_turns(model, tokenizer, HELLO[:1], max_new_tokens=12, temperature=0.8,
+                                     top_p=0.9, repetition_penalty=1.1)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1,
+                                 pad_token_id=tokenizer.pad_token_id)
+        assert ours == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)

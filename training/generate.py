@@ -17,6 +17,7 @@ from training.encode import encode
 # How a model takes and returns its key/value cache: `cache` in transformers 5.25, before that
 # `past_key_values`.
 _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+TOP_K = 50  # what generate samples from unless told otherwise, kept by Nucleus
 
 
 @torch.no_grad()
@@ -37,10 +38,11 @@ def generate_turns(
     device = next(model.parameters()).device
     contrasted = {i: encode(p, tokenizer, add_generation_prompt=True).input_ids
                   for i, p in enumerate(plain) if p is not None}
-    processors = LogitsProcessorList(
-        [RecallContrast(model, list(contrasted), list(contrasted.values()), pad, contrast)]
-        if contrasted and contrast else [])
     sample = temperature > 0
+    processors = LogitsProcessorList(
+        ([RecallContrast(model, list(contrasted), list(contrasted.values()), pad, contrast)]
+         if contrasted and contrast else [])
+        + ([Nucleus(temperature, top_p)] if sample else []))
     ends = end_token_ids(model, tokenizer)
     enough_ended = EnoughEnded(groups, enough, ends, ids.shape[1])
     stop = StoppingCriteriaList([enough_ended] if groups else [])
@@ -54,9 +56,8 @@ def generate_turns(
         logits_processor=processors,
         stopping_criteria=stop,
         max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_p=top_p if sample else None,
+        do_sample=sample,  # temperature, top-k and top-p: Nucleus, after the repetition penalty
+        top_k=0,  # generate's own top-k would come after Nucleus
         repetition_penalty=repetition_penalty,
         pad_token_id=pad,
     )
@@ -64,6 +65,24 @@ def generate_turns(
     texts = tokenizer.batch_decode(new, skip_special_tokens=False)
     return [(text, i in enough_ended.cut or (len(row) >= max_new_tokens and not ends & set(row.tolist())))
             for i, (text, row) in enumerate(zip(texts, new, strict=True))]
+
+
+class Nucleus(LogitsProcessor):
+    """Temperature, top-k, then top-p: the scores transformers' own warpers give (generate's
+    defaults: top-k 50 before top-p), without sorting the whole vocabulary at every step. The
+    top-k scores are picked with `topk`, and top-p is applied among them; transformers' top-p
+    sorts all 49,152 scores of each row, which took longer than the model's own step for a batch of
+    8 rows on 2 cores (benchmarks/README.md, chat_speed.py)."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int = TOP_K) -> None:
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top, where = (scores / self.temperature).topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        probs = top.softmax(dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # the mass of the kept tokens more likely than each
+        kept = top.masked_fill(above >= self.top_p, -float("inf"))
+        return torch.full_like(scores, -float("inf")).scatter_(1, where, kept)
 
 
 class EnoughEnded(StoppingCriteria):
