@@ -135,7 +135,7 @@ class Seeing:
         self.inner, self.prompts = inner, []
 
     async def generate(self, messages):
-        self.prompts.append("\n".join(m["content"] for m in messages if m["role"] == "system"))
+        self.prompts.append(messages[0]["content"])
         return await self.inner.generate(messages)
 
     async def close(self) -> None:
@@ -359,15 +359,14 @@ def recall_calibration(persona: Persona, embedder, args) -> dict:
 
 def perplexity(persona: Persona, model, tokenizer) -> dict:
     from training.encode import load_jsonl
-    from training.evaluate import context_gain, example_lines, last_reply_retrieval_gain, perplexities
+    from training.evaluate import example_lines, last_reply_gains, perplexities
 
     data = persona.dataset
     val = load_jsonl(data / "val.jsonl")
     ppl, _ = perplexities(model, tokenizer, val, example_lines(load_jsonl(data / "train.jsonl")))
     return {"perplexity": ppl,
             "retrieval_gain": {k: round(ppl[f"{k}_no_recall"] / ppl[k], 3) for k in ("adapter", "base")},
-            "retrieval_gain_last_reply": last_reply_retrieval_gain(model, tokenizer, val),
-            "context_gain": context_gain(model, tokenizer, val)}
+            **last_reply_gains(model, tokenizer, val)}
 
 
 def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int,

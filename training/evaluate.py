@@ -34,7 +34,7 @@ from training.style import compare_style
 from training.train import mean_nll
 
 N_EXAMPLES = 8  # the person's messages shown to the prompted baseline
-CONTEXT_SAMPLES = 64  # validation samples scored for the context gain
+CONTEXT_SAMPLES = 64  # validation samples scored for the context gain and last-reply retrieval gain
 
 
 def example_lines(train: list[dict], n: int = N_EXAMPLES) -> list[str]:
@@ -120,39 +120,36 @@ def last_reply_rows(val: list[dict], tokenizer, wrong: bool, recall: bool = Fals
     return rows
 
 
-def perplexity_ratio(model, pad: int, worse: list[dict], better: list[dict], what: str) -> dict[str, float]:
-    """Perplexity of the `worse` rows / of the `better` ones (the same replies, labelled alone),
-    for the adapter and for the base model (the adapter off)."""
+def last_reply_gains(model, tokenizer, val: list[dict]) -> dict[str, dict[str, float] | None]:
+    """Two perplexity ratios of each sample's last reply, labelled alone, for the adapter and the
+    base model (the adapter off); the reply after its own conversation, without recalled items,
+    is scored once for both.
+    - context_gain: after a wrong conversation / after the true one, both without recalled items
+      (they would tell the true conversation's topic); None with fewer than two samples.
+    - retrieval_gain_last_reply: without its recalled items / with them. The items were recalled
+      for the message that reply answers, as serving recalls them for each message; the
+      perplexities' retrieval gain also counts a sample's earlier replies, which serving would
+      answer with items of their own. None without samples."""
+    rows = {"true context": last_reply_rows(val, tokenizer, wrong=False),
+            "wrong context": last_reply_rows(val, tokenizer, wrong=True) if len(val) >= 2 else [],
+            "recalled items": last_reply_rows(val, tokenizer, wrong=False, recall=True)}
+    pad = tokenizer.pad_token_id
 
-    def ratio() -> float:
-        better_nll, _ = mean_nll(model, better, pad, desc=f"Scoring, {what}")
-        worse_nll, _ = mean_nll(model, worse, pad, desc=f"Scoring, without {what}")
-        return round(math.exp(worse_nll - better_nll), 3)
+    def nlls() -> dict[str, float]:
+        return {k: mean_nll(model, r, pad, desc=f"Scoring last replies, {k}")[0]
+                for k, r in rows.items() if r}
 
     with model.disable_adapter():
-        base = ratio()
-    return {"adapter": ratio(), "base": base}
+        base = nlls()
+    by_model = {"adapter": nlls(), "base": base}
 
+    def ratio(worse: str, better: str) -> dict[str, float] | None:
+        if worse not in base or better not in base:
+            return None
+        return {name: round(math.exp(nll[worse] - nll[better]), 3) for name, nll in by_model.items()}
 
-def context_gain(model, tokenizer, val: list[dict]) -> dict[str, float] | None:
-    """Perplexity of the last reply after a wrong conversation / after the true one: adapter and
-    base model. None with fewer than two samples."""
-    if len(val) < 2:
-        return None
-    true_rows, wrong_rows = last_reply_rows(val, tokenizer, False), last_reply_rows(val, tokenizer, True)
-    return perplexity_ratio(model, tokenizer.pad_token_id, wrong_rows, true_rows, "the true context")
-
-
-def last_reply_retrieval_gain(model, tokenizer, val: list[dict]) -> dict[str, float] | None:
-    """Perplexity of each sample's last reply without its recalled items / with them: adapter and
-    base model. The items were recalled for the message that reply answers, as serving recalls
-    them for each message; the perplexities' retrieval gain also counts a sample's earlier
-    replies, which serving would answer with items of their own. None without samples."""
-    told = last_reply_rows(val, tokenizer, wrong=False, recall=True)
-    if not told:
-        return None
-    untold = last_reply_rows(val, tokenizer, wrong=False)
-    return perplexity_ratio(model, tokenizer.pad_token_id, untold, told, "the recalled items")
+    return {"context_gain": ratio("wrong context", "true context"),
+            "retrieval_gain_last_reply": ratio("true context", "recalled items")}
 
 
 def sample_replies(model, tokenizer, val: list[dict], samples: int, max_new_tokens: int) -> dict:
@@ -198,8 +195,7 @@ def evaluate(
         "val_replies": sum(m["role"] == "assistant" for s in val for m in s["messages"]),
         "val_tokens": n_tokens,
         "dataset": card.get("fingerprint"),
-        "context_gain": context_gain(model, tokenizer, val[:CONTEXT_SAMPLES]),
-        "retrieval_gain_last_reply": last_reply_retrieval_gain(model, tokenizer, val[:CONTEXT_SAMPLES]),
+        **last_reply_gains(model, tokenizer, val[:CONTEXT_SAMPLES]),
         "knowledge": quiz(model, tokenizer, folder) if quiz else None,
         **sample_replies(model, tokenizer, val, samples, max_new_tokens),
         "model": {
