@@ -86,6 +86,11 @@ def cmd_add(args: argparse.Namespace) -> None:
     if not added:
         raise CliError("nothing to add: give note files or --text")
     print(f"Added to {shown(folder)}: {', '.join(added)}")
+    from training.index import persona_indexes
+
+    if not persona_indexes(session.persona):  # nothing to update: prepare indexes every note
+        print("No index yet: `clone prepare` (or `clone start`) will index it with the rest.")
+        return
     reindex_all(session)
 
 

@@ -269,6 +269,22 @@ def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):
     assert "dataset/index" in line and "clone prepare" in line
 
 
+def test_clone_knowledge_add_before_prepare_keeps_the_note_for_prepare(tmp_path):
+    """A new user adds a note before preparing: it is kept, and said to wait for `clone prepare`
+    (not an error: there is no index to update yet)."""
+    root = tmp_path / "new"
+    run = subprocess.run([sys.executable, "-m", "cli", "init", str(root), "--name", "Sam"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    added = subprocess.run([sys.executable, "-m", "cli", "knowledge", "add", "--persona", str(root),
+                            "--text", "I collect vintage typewriters."],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert "No index yet" in added.stdout and "clone prepare" in added.stdout
+    [note] = (root / "knowledge").glob("*.md")
+    assert "typewriters" in note.read_text(encoding="utf-8")
+
+
 # -- the person's own answer for a near-certain knowledge-base question; grounded decoding ------
 
 
