@@ -25,18 +25,13 @@ import numpy as np
 
 from bot.longterm import LongTerm, Remembered
 from training.index import KNOWLEDGE_BONUS, MIN_SCORE, IndexProblem, PersonaIndex, TextEmbedder
-from training.knowledge import Item
+from training.knowledge import QUESTION_WORDS as _QUESTION_WORDS
+from training.knowledge import Item, is_question
 from training.privacy import Redactor
 from training.prompt import RECALL_ITEMS, Recalled
 
 log = logging.getLogger(__name__)
 INDEX_CHECK_S = 10.0  # how often the index folder is looked at for a rewrite
-# A message that asks something: a question mark, or a first word that opens a question ("what
-# genre do you listen to"). Statements that share a fact's words ("I love basketball") are not
-# asking for it: on the sample's chats they were most of the fact answers that did not fit.
-_QUESTION_WORDS = frozenset({
-    "what", "where", "when", "who", "whom", "whose", "which", "why", "how", "do", "does", "did",
-    "are", "is", "was", "were", "have", "has", "can", "could", "would", "will", "should"})
 _WORD = re.compile(r"[a-z']+")
 
 
@@ -67,11 +62,6 @@ def scored(found: list[tuple[float, Item]]) -> list[Scored]:
     """The persona index's search results as recall ranks them."""
     return [Scored(item.recalled(), item.kind, s - (item.kind != "exchange") * KNOWLEDGE_BONUS, s)
             for s, item in found]
-
-
-def is_question(text: str) -> bool:
-    words = _WORD.findall(text.casefold())
-    return "?" in text or bool(words and words[0] in _QUESTION_WORDS)
 
 
 def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Scored | None:

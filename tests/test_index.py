@@ -16,6 +16,7 @@ from training.index import (
     PersonaIndex,
     attach_recalled,
     build,
+    paraphrase_samples,
     query_of,
     recall,
 )
@@ -341,6 +342,34 @@ def test_attach_recalled_respects_the_token_budget(index, embedder):
         assert [r.line() for r in fit_recalled(found, words, budget)] == recalled_lines(
             s["messages"][0]["content"])
     assert s["messages"][0]["content"] != system_prompt(SAM)  # 200 tokens hold something
+
+
+def test_paraphrase_samples_answer_the_chats_questions_near_a_fact_with_it(index, embedder):
+    """A question the other side really asked, near one fact's question, becomes a knowledge
+    sample answered with that fact after what serving would recall; statements, unrelated
+    questions and the knowledge base's own rows do not."""
+    chat = sample("c7", them("hey"), sam("hi!"),
+                  them("got any brothers or sisters?\nI love my sister"), sam("haha yes"),
+                  them("did you watch the game last night?"), sam("nope"))
+    row = {**sample("faq", them("What is your favorite food?"), sam("Banana bread, no contest")),
+           "knowledge": True}
+    made = paraphrase_samples([chat, row], index, embedder, SAM, words, 200)
+    assert [m["messages"][1:] for m in made] == [[
+        {"role": "user", "content": "got any brothers or sisters?"},
+        {"role": "assistant", "content": "Just my older sister Maria"}]]
+    [one] = made
+    assert one["knowledge"] is True and one["conversation"].startswith("c7:")
+    lines = recalled_lines(one["messages"][0]["content"])
+    assert lines[-1] == "- Q: Do you have any siblings? A: Just my older sister Maria"  # best last
+    found = recall(index, vector(embedder, "got any brothers or sisters?"), "c7")
+    assert lines == [r.line() for r in fit_recalled(found, words, 200)]  # what serving shows
+
+
+def test_paraphrase_samples_need_a_near_fact_clearly_first(index, embedder):
+    """A question no fact is near enough to (or two facts nearly tie) teaches nothing."""
+    far = sample("c8", them("what do you think about the weather lately?"), sam("cold"))
+    assert paraphrase_samples([far], index, embedder, SAM, words, 200) == []
+    assert paraphrase_samples([], index, embedder, SAM, words, 200) == []
 
 
 # -- fit_recalled -----------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
-from training.knowledge import Item
+from training.knowledge import Item, is_question
 from training.persona import Persona
-from training.prompt import RECALL_ITEMS, Recalled, fit_recalled, system_prompt
+from training.prompt import RECALL_ITEMS, Recalled, Utterance, fit_recalled, system_prompt, to_chat_messages
 
 INDEX_FORMAT = 1
 # The person's knowledge base is what they wrote down to be known: it outranks a chat exchange
@@ -156,6 +156,44 @@ def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbe
         found = recall(index, vectors[query], sample.get("conversation"))
         chosen = fit_recalled(found, count_tokens, budget)
         sample["messages"][0]["content"] = system_prompt(persona, chosen)
+
+
+# An incoming chat line this near a fact's question (and clearly nearest to it) asks that fact:
+# serving's fact-answer threshold (bot.recall.FactAnswers), 31 of the 32 lines it picks on the
+# sample's chats asked that very question.
+PARAPHRASE_MIN, PARAPHRASE_MARGIN = 0.7, 0.02
+
+
+def paraphrase_samples(samples: list[dict], index: PersonaIndex, embedder: TextEmbedder,
+                       persona: Persona, count_tokens: Callable[[str], int], budget: int) -> list[dict]:
+    """Knowledge samples asked the way people really ask: each question that the other side of
+    the person's chats sent, near one fact's question, answered with that fact, after the items
+    serving would recall for it (none of its own conversation). The knowledge base's own rows
+    ask each question in one wording only; these teach the adapter that a recalled fact answers
+    its paraphrases too."""
+    asked: dict[str, str] = {}  # line -> its conversation
+    for sample in samples:
+        if sample.get("knowledge") or sample.get("correction"):
+            continue
+        for m in sample["messages"][1:]:
+            for line in m["content"].split("\n") if m["role"] == "user" else ():
+                if is_question(line.strip()):
+                    asked.setdefault(line.strip(), sample.get("conversation", ""))
+    lines = list(asked)
+    out = []
+    for line, vector in zip(lines, embedder.embed(lines) if lines else [], strict=True):
+        found = index.search(vector, RECALL_ITEMS, MIN_SCORE, asked[line])
+        if not found or found[0][1].kind != "fact" or found[0][0] - KNOWLEDGE_BONUS < PARAPHRASE_MIN:
+            continue
+        if len(found) > 1 and found[0][0] - found[1][0] < PARAPHRASE_MARGIN:
+            continue
+        fact = found[0][1]
+        chosen = fit_recalled([item.recalled() for _, item in found], count_tokens, budget)
+        them = Utterance("them", line, False)
+        you = Utterance(persona.name, fact.text, True)
+        out.append({"messages": to_chat_messages(persona, [them, you], recalled=chosen),
+                    "conversation": f"{asked[line]}:asks:{fact.source}", "knowledge": True})
+    return out
 
 
 def reindex(folder: Path, notes: list[Item], embedder: TextEmbedder) -> PersonaIndex:

@@ -27,6 +27,20 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _HEADING = re.compile(r"\s*#{1,6}(\s|$)")  # a markdown heading; "#1 rule" and "#blessed" are text
 
 
+# A message that asks something: a question mark, or a first word that opens a question ("what
+# genre do you listen to"). Statements that share a fact's words ("I love basketball") are not
+# asking for it: on the sample's chats they were most of the fact answers that did not fit.
+QUESTION_WORDS = frozenset({
+    "what", "where", "when", "who", "whom", "whose", "which", "why", "how", "do", "does", "did",
+    "are", "is", "was", "were", "have", "has", "can", "could", "would", "will", "should"})
+_WORD = re.compile(r"[a-z']+")
+
+
+def is_question(text: str) -> bool:
+    words = _WORD.findall(text.casefold())
+    return "?" in text or bool(words and words[0] in QUESTION_WORDS)
+
+
 class KnowledgeError(ValueError):
     """A knowledge file that cannot be used; the message names it, in one line."""
 

@@ -134,9 +134,12 @@ def index_persona(
     built = index.build([*prepared.items, *notes], embedder, progress=True)
     samples = [*prepared.train, *prepared.val]
     index.attach_recalled(samples, built, embedder, persona, count_tokens, budget)
+    asks = index.paraphrase_samples(prepared.train, built, embedder, persona, count_tokens, budget)
+    prepared.train += asks
     card = prepared.card
-    card.index = {"embedding_model": built.model, "items": len(built),
-                  "kinds": built.kinds(), "fingerprint": built.fingerprint}
+    card.samples["train"] = len(prepared.train)
+    card.index = {"embedding_model": built.model, "items": len(built), "kinds": built.kinds(),
+                  "fingerprint": built.fingerprint, "paraphrase_samples": len(asks)}
     card.fingerprint = dataset.fingerprint(prepared.train, prepared.val)
     return built
 
