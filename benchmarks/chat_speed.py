@@ -4,8 +4,10 @@ The other side's messages of a few held-out conversations of a prepared persona 
 channel per conversation, through the engine as `clone chat` builds it (recall on, the served
 model behind LocalBackend), every reply forced to `--tokens` new tokens (0: as served, sampled to
 the person's natural length). Each turn's prompt is also given to **bare**, the base model in
-fp32 through `model.generate` (serve_speed.py's baseline), interleaved turn by turn. It prints
-per-reply seconds (p50, p95, mean) and their ratio. With `--channels N`, N chats then go on at
+fp32 through `model.generate` (serve_speed.py's baseline), interleaved turn by turn, and, where
+the served model keeps bf16 copies for prompts (bot.generation.HalfWeightLinear on a CPU with
+native bf16), to the served path with them switched off ("served, fp16 only"). It prints
+per-reply seconds (p50, p95, mean) and their ratios. With `--channels N`, N chats then go on at
 once, turn by turn, through two engines: one sends the N messages of a turn together (each
 after its own recall, as a bot's channels do), the other one after another; the ratio of their
 times is the throughput of N channels against one at a time.
@@ -13,12 +15,14 @@ times is the throughput of N channels against one at a time.
     python benchmarks/chat_speed.py --persona DIR                # a prepared (and trained) persona
     python benchmarks/chat_speed.py --persona DIR --tokens 0 --chats 3 --turns 8   # as served
     python benchmarks/chat_speed.py --persona DIR --chats 0 --channels 8 --turns 4
+    python benchmarks/chat_speed.py --persona DIR --tokens 0 --fp16-only   # without bf16 prompts
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -33,7 +37,7 @@ from serve_speed import REPO, bare_generate, forced_length, pct, threads_kept
 
 sys.path.insert(0, str(REPO))
 from bot.engine import Incoming
-from bot.generation import GenerationSettings, LocalBackend, load_clone
+from bot.generation import GenerationSettings, HalfWeightLinear, LocalBackend, load_clone
 from bot.quiz import quiz_engine
 from bot.runtime import index_folder
 from training.base_model import load_model, resolve_base
@@ -50,6 +54,24 @@ def chats(val: list[dict], count: int, turns: int) -> list[list[str]]:
     return [messages[:turns] for messages in said[:count]]
 
 
+@contextlib.contextmanager
+def fp16_only(model):
+    """The served model without its bf16 copies for prompts, for a while."""
+    layers = [m for m in model.modules() if isinstance(m, HalfWeightLinear) and m.wide is not None]
+    kept = [(m.wide, m.wide_bias) for m in layers]
+    for m in layers:
+        m.wide = m.wide_bias = None
+    try:
+        yield
+    finally:
+        for m, (wide, bias) in zip(layers, kept, strict=True):
+            m.wide, m.wide_bias = wide, bias
+
+
+def has_wide(model) -> bool:
+    return any(isinstance(m, HalfWeightLinear) and m.wide is not None for m in model.modules())
+
+
 def timed(call, *args) -> tuple[float, object]:
     with threads_kept():
         started = time.perf_counter()
@@ -59,6 +81,9 @@ def timed(call, *args) -> tuple[float, object]:
 
 async def play(args, persona: Persona) -> dict:
     model, tokenizer, what = load_clone(persona.adapters, None, None, persona.id)
+    if args.fp16_only:
+        fp16_only(model).__enter__()  # for the whole run: the served path before its bf16 copies
+        what += ", fp16 only"
     base = load_model(resolve_base(None)).eval()
     as_served = not args.tokens  # sampled to the person's natural length, as the bot replies
     settings = dict(max_new_tokens=args.tokens or 64, natural_length=as_served)
@@ -83,6 +108,8 @@ async def play(args, persona: Persona) -> dict:
     val = load_jsonl(persona.dataset / "val.jsonl")
     if as_served:
         del times["bare"]
+    elif has_wide(model):
+        times["served, fp16 only"] = []
     forced = args.tokens or None
     with forced_length(model, forced), forced_length(base, forced):
         for c, messages in enumerate(chats(val, args.chats, args.turns)):
@@ -93,6 +120,9 @@ async def play(args, persona: Persona) -> dict:
                 times["served"].append(served_s[-1])
                 if not as_served:
                     times["bare"].append(timed(bare_generate, base, tokenizer, [prompt], args.tokens)[0])
+                if "served, fp16 only" in times:
+                    with fp16_only(model):
+                        times["served, fp16 only"].append(timed(inner, [prompt])[0])
                 took = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
                 print(f"  chat {c} turn {i + 1}: prompt {tokens[-1]} tokens; {took}", flush=True)
     await engine.backend.close()
@@ -144,8 +174,10 @@ def report(result: dict) -> None:
     print(f"\n{result['turns']} turns of {result['what']}, {length} a reply; "
           f"prompts {result['prompt_tokens_mean']} tokens on average")
     for name, v in s.items():
-        print(f"  {name:<9} p50 {v['p50']:6.2f} s  p95 {v['p95']:6.2f} s  mean {v['mean']:6.2f} s")
+        print(f"  {name:<17} p50 {v['p50']:6.2f} s  p95 {v['p95']:6.2f} s  mean {v['mean']:6.2f} s")
     pairs = [("served", "bare")] if "bare" in s else []
+    if "served, fp16 only" in s:
+        pairs += [("served", "served, fp16 only"), ("served, fp16 only", "bare")]
     for a, b in pairs:
         print(f"  {a} / {b}: {s[a]['mean'] / s[b]['mean']:.3f}x (means), "
               f"{s[a]['p50'] / s[b]['p50']:.3f}x (p50)")
@@ -161,6 +193,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8, help="messages of each played")
     ap.add_argument("--channels", type=int, default=0, help="chats at once, against one at a time")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--fp16-only", action="store_true",
+                    help="serve without the bf16 copies for prompts (the path before them)")
     args = ap.parse_args()
     persona = Persona.load(args.persona)
     result: dict = {}

@@ -86,6 +86,15 @@ def serving_threads(cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // 2)
 
 
+def cpu_multiplies_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively (many rows faster than fp32; see WIDE_ROWS)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX: bf16 matmuls faster than fp32 (training.train.cpu_has_amx's test; not imported from
     there, which would load the trainer). AVX-512 BF16 alone runs them at half the fp32 rate."""
@@ -142,21 +151,37 @@ def packing_works() -> bool:
         return False
 
 
+# From this many rows at once (reading a prompt, not a reply's step), a layer with a bf16 copy
+# multiplies with it: on 2 AVX-512 BF16 cores a 300-row input took half the fp16 weights' time,
+# while one row (a reply's step) took 1.2-2.3x as long (benchmarks/README.md, chat_speed.py).
+WIDE_ROWS = 16
+
+
 class HalfWeightLinear(torch.nn.Module):
     """A linear layer whose weight fbgemm keeps in fp16, packed once, and multiplies in fp32.
     One reply step reads every weight once and this CPU's memory bounds it: half the bytes made
     a step 0.6-0.7x as long as fp32 on 2 AVX2 cores, with logits within 1e-3 (plain fp16 or bf16
-    matmuls, converted by torch on the fly, took 8-11x; benchmarks/serve_speed.py)."""
+    matmuls, converted by torch on the fly, took 8-11x; benchmarks/serve_speed.py). With `wide`
+    (a CPU that multiplies bf16 natively) it also keeps a bf16 copy packed by oneDNN for inputs
+    of WIDE_ROWS rows or more, where arithmetic, not memory, bounds the time."""
 
-    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False) -> None:
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False, wide: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.wide = self.wide_bias = None
+        if wide:
+            weight = linear.weight.detach().to(torch.bfloat16)
+            self.wide = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self.wide_bias = bias.to(torch.bfloat16) if bias is not None else None
         if keep_weight:  # tied to the embeddings: kept for their lookup, costs nothing more
             self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide is not None and x.numel() >= WIDE_ROWS * self.in_features:
+            wide = x.to(torch.bfloat16).contiguous()
+            return torch.ops.mkldnn._linear_pointwise(wide, self.wide, self.wide_bias, "none", [], "").float()
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
@@ -209,14 +234,16 @@ def prepare_for_serving(model, precision: str = "auto", merge: bool = True):
         if chosen == "bf16":
             pack_linears(model)
         elif chosen == "fp16" and half_weights_work():
-            replace_linears(model, HalfWeightLinear, torch.float32)
+            wide = cpu_multiplies_bf16() and torch.backends.mkldnn.is_available() and packing_works()
+            replace_linears(model, functools.partial(HalfWeightLinear, wide=wide), torch.float32)
     return model
 
 
 def served_precision(model) -> str:
     """How a served model multiplies, for the log: "bf16", "fp16 weights" or "fp32"."""
-    if any(isinstance(m, HalfWeightLinear) for m in model.modules()):
-        return "fp16 weights"
+    halves = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
+    if halves:
+        return "fp16 weights" + (", bf16 for prompts" if halves[0].wide is not None else "")
     return str(model.dtype).removeprefix("torch.")
 
 

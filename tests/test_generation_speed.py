@@ -213,6 +213,7 @@ def test_fp16_weights_answer_as_fp32_where_fbgemm_runs_them(tiny_base, tokenizer
     assert half_weights_work() == ("fbgemm" in torch.backends.quantized.supported_engines)
     assert serving_precision("fp16") == "fp16" and serving_dtype("fp16") == torch.float32
     monkeypatch.setattr(bot.generation, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(bot.generation, "cpu_multiplies_bf16", lambda: False)  # the fp16 weights alone
     assert serving_precision() == ("fp16" if half_weights_work() else "fp32")
 
     attached = noisy_lora(tiny_base, seed=1)
@@ -236,6 +237,33 @@ def test_fp16_weights_answer_as_fp32_where_fbgemm_runs_them(tiny_base, tokenizer
     assert len(generated) == 2 and all(isinstance(g.text, str) and g.text for g in generated)
 
 
+
+
+def test_a_bf16_copy_reads_wide_inputs_and_fp16_weights_take_a_replys_steps(monkeypatch):
+    """Where the CPU multiplies bf16 natively, a prompt's rows (WIDE_ROWS or more) go through the
+    layer's bf16 copy and a reply's step (a few rows) through its fp16 weights; both near fp32."""
+    import bot.generation
+    from bot.generation import WIDE_ROWS, HalfWeightLinear, half_weights_work, packing_works, served_precision
+
+    assert half_weights_work() and packing_works()  # x86 CI: fbgemm and oneDNN are there
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = HalfWeightLinear(linear, wide=True)
+    narrow = torch.ops.quantized.linear_dynamic_fp16
+    for rows in (1, WIDE_ROWS - 1, WIDE_ROWS, 300):
+        x = torch.randn(1, rows, 64)
+        with torch.no_grad():
+            got, want, fp16 = layer(x), linear(x), narrow(x, layer.packed)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()  # bf16 rounding: ~0.5 %
+        assert torch.equal(got, fp16) == (rows < WIDE_ROWS)  # which copy multiplied
+    # prepare_for_serving keeps the copy only on a CPU with native bf16.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    for native in (True, False):
+        monkeypatch.setattr(bot.generation, "cpu_multiplies_bf16", lambda native=native: native)
+        served = prepare_for_serving(copy.deepcopy(model), precision="fp16")
+        assert (served[0].wide is not None) == native
+        assert served_precision(served) == "fp16 weights" + (", bf16 for prompts" if native else "")
 
 
 # -- several channels at once ------------------------------------------------------------------
