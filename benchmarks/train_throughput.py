@@ -78,6 +78,7 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     from training.base_model import load_model, load_tokenizer, resolve_base
 
     naive = mode == "baseline"
+    forced = "fp32" if naive else "bf16" if mode == "ours-bf16" else None  # ours-bf16: bf16 autocast
     if not naive:
         t.tune_allocator()
     cfg = t.TrainConfig(data=data, out=work, max_steps=steps, eval_steps=10**6, save_steps=10**6,
@@ -88,7 +89,7 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     tokenizer = load_tokenizer(base)
     rows = t.load_split(data, "train", tokenizer, cfg.max_length)
     model = t.with_lora(load_model(base), cfg)
-    precision = "fp32" if naive else t.pick_precision("auto")
+    precision = forced or t.pick_precision("auto")
 
     labelled = [0]
 
@@ -193,12 +194,12 @@ def command_child(data: Path, steps: int, work: Path, batch_size: int, spawned: 
 
 
 def matmul_flops(precision: str) -> float:
-    """FLOP/s of a plain matmul shaped like the model's MLP, in this process: fp32 on a CPU, in
-    `precision` on a GPU."""
+    """FLOP/s of a plain matmul shaped like the model's MLP, in this process, in `precision`
+    (bf16 on a CPU that trains in it: its share is of the rate that set-up could reach)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if cuda else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(2048, 576, device="cuda" if cuda else "cpu", dtype=dtype)
     b = torch.randn(576, 1536, device=a.device, dtype=dtype)
     for _ in range(5):
@@ -230,21 +231,23 @@ def run_child(mode: str, data: Path, steps: int, batch_size: int) -> dict:
     return result
 
 
-def ratio(runs: dict, key: str, of: str = "ours") -> float | None:
-    ours, base = runs.get(of, {}).get(key), runs["baseline"].get(key)
+def ratio(runs: dict, key: str, of: str = "ours", over: str = "baseline") -> float | None:
+    ours, base = runs.get(of, {}).get(key), runs.get(over, {}).get(key)
     return round(ours / base, 2) if ours and base else None
 
 
 def summarise(runs: dict) -> dict:
     ours = runs["ours"]
-    peak = matmul_flops(ours["precision"])
-    for r in runs.values():
+    peaks = {r["precision"]: matmul_flops(r["precision"]) for r in runs.values() if "precision" in r}
+    peak = peaks[ours["precision"]]
+    for r in runs.values():  # each of a plain matmul in its own precision
         if "flops_per_second" in r:
-            r["matmul_fraction"] = round(r["flops_per_second"] / peak, 3)
+            r["matmul_fraction"] = round(r["flops_per_second"] / peaks[r["precision"]], 3)
     return {
         "runs": runs,
         "matmul_gflops": round(peak / 1e9, 1),
-        "matmul_precision": ours["precision"] if ours["device"] != "cpu" else "fp32",
+        "matmul_precision": ours["precision"],
+        "bf16_over_ours": ratio(runs, "tokens_per_second", "ours-bf16", "ours"),
         "speedup": ratio(runs, "tokens_per_second"),
         "command_speedup": ratio(runs, "tokens_per_second", "command"),
         "peak_memory_ratio": ratio(runs, "peak_rss_gb"),
@@ -263,12 +266,15 @@ def print_table(summary: dict) -> None:
         gpu = f"  peak GPU {r['peak_gpu_gb']} GB on {r['device']}" if r["peak_gpu_gb"] is not None else ""
         print(f"{name:10}{r['tokens_per_second']:>8.0f}{r['peak_rss_gb']:>8.1f}GB"
               f"{r['flops_per_second'] / 1e9:>9.1f}{r['matmul_fraction']:>10.1%}  {r['precision']}{gpu}")
-    print(f"plain {summary['matmul_precision']} matmul: {summary['matmul_gflops']} GFLOP/s")
+    print(f"plain {summary['matmul_precision']} matmul: {summary['matmul_gflops']} GFLOP/s "
+          f"(each row's share is of a matmul in its own precision)")
     command = summary["runs"].get("command")
     if command and "error" not in command:
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in command["phases_s"].items())
         print(f"clone train whole, {command['steps']} steps: {command['tokens_per_second']:.0f} tok/s over "
               f"{command['seconds']:.0f} s ({summary['command_speedup']}x the baseline); {phases}")
+    if summary["bf16_over_ours"]:
+        print(f"ours with bf16 autocast / ours: {summary['bf16_over_ours']}x")
     if summary["speedup"]:
         print(f"speed-up ours/baseline: {summary['speedup']}x; peak memory ours/baseline: "
               f"{summary['peak_memory_ratio']}" + (f" (GPU: {summary['peak_gpu_memory_ratio']})"
@@ -283,7 +289,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--command", type=int, metavar="STEPS",
                     help="also time `clone train` whole for this many steps (its evaluations, checkpoints)")
-    ap.add_argument("--child", choices=["baseline", "ours", "command"], help=argparse.SUPPRESS)
+    ap.add_argument("--bf16-too", action="store_true",
+                    help="also run ours with bf16 autocast (where fp32 is picked), in the same run")
+    ap.add_argument("--child", choices=["baseline", "ours", "ours-bf16", "command"], help=argparse.SUPPRESS)
     ap.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -297,7 +305,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or prepare_sample(Path(tmp))
-        runs = {mode: run_child(mode, data, args.steps, args.batch_size) for mode in ("baseline", "ours")}
+        modes = ("baseline", "ours", "ours-bf16") if args.bf16_too else ("baseline", "ours")
+        runs = {mode: run_child(mode, data, args.steps, args.batch_size) for mode in modes}
         if args.command:
             runs["command"] = run_child("command", data, args.command, args.batch_size)
     if "error" in runs["ours"]:

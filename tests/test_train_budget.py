@@ -54,8 +54,9 @@ def test_a_time_budget_fits_the_whole_schedule(tiny_base, tiny_dataset, tmp_path
     metrics = result.manifest["metrics"]
     steps = metrics["steps"]
     assert metrics["time_limited"] and metrics["planned_steps"] == steps < cfg.max_steps
-    # Within the budget, and not by stopping early: most of it was used.
-    assert 0.7 * budget_s < elapsed < budget_s + 1.5
+    # Within the budget, and not by stopping early: most of it was used. (The slack after it is
+    # the final save and score on a busy machine; without the plan, 10,000 steps would run.)
+    assert 0.7 * budget_s < elapsed < budget_s + 3.0
     assert steps * STEP_S > 0.3 * budget_s
 
     rates = learning_rates(result)
