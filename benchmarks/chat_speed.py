@@ -81,9 +81,7 @@ def timed(call, *args) -> tuple[float, object]:
 
 async def play(args, persona: Persona) -> dict:
     model, tokenizer, what = load_clone(persona.adapters, None, None, persona.id)
-    if args.fp16_only:
-        fp16_only(model).__enter__()  # for the whole run: the served path before its bf16 copies
-        what += ", fp16 only"
+    what += ", fp16 only" if args.fp16_only else ""
     base = load_model(resolve_base(None)).eval()
     as_served = not args.tokens  # sampled to the person's natural length, as the bot replies
     settings = dict(max_new_tokens=args.tokens or 64, natural_length=as_served)
@@ -108,10 +106,12 @@ async def play(args, persona: Persona) -> dict:
     val = load_jsonl(persona.dataset / "val.jsonl")
     if as_served:
         del times["bare"]
-    elif has_wide(model):
+    elif has_wide(model) and not args.fp16_only:
         times["served, fp16 only"] = []
     forced = args.tokens or None
-    with forced_length(model, forced), forced_length(base, forced):
+    # --fp16-only: the whole run on the served path before its bf16 copies for prompts.
+    whole = fp16_only(model) if args.fp16_only else contextlib.nullcontext()
+    with whole, forced_length(model, forced), forced_length(base, forced):
         for c, messages in enumerate(chats(val, args.chats, args.turns)):
             for i, text in enumerate(messages):
                 await engine.handle(Incoming("bench", f"chat{c}", "u1", "Alex", text))

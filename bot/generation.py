@@ -86,22 +86,24 @@ def serving_threads(cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // 2)
 
 
+def cpu_flags() -> str:
+    """/proc/cpuinfo ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_multiplies_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls run natively (many rows faster than fp32; see WIDE_ROWS)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_has_fast_bf16() -> bool:
     """AMX: bf16 matmuls faster than fp32 (training.train.cpu_has_amx's test; not imported from
     there, which would load the trainer). AVX-512 BF16 alone runs them at half the fp32 rate."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_bf16" in cpu_flags()
 
 
 def serving_precision(precision: str = "auto") -> str:
@@ -141,7 +143,10 @@ class PackedLinear(torch.nn.Module):
 
 @functools.cache
 def packing_works() -> bool:
-    """Whether this torch can pack bf16 linears here, checked on a small one against F.linear."""
+    """Whether this torch can pack bf16 linears here (oneDNN), checked on a small one against
+    F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         linear = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
         x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -216,7 +221,7 @@ def replace_linears(model, make, dtype: torch.dtype) -> int:
 
 def pack_linears(model) -> int:
     """Every linear layer of a bf16 model packed (PackedLinear), where that works; how many."""
-    if not (torch.backends.mkldnn.is_available() and packing_works()):
+    if not packing_works():
         return 0
     return replace_linears(model, PackedLinear, torch.bfloat16)
 
@@ -234,7 +239,7 @@ def prepare_for_serving(model, precision: str = "auto", merge: bool = True):
         if chosen == "bf16":
             pack_linears(model)
         elif chosen == "fp16" and half_weights_work():
-            wide = cpu_multiplies_bf16() and torch.backends.mkldnn.is_available() and packing_works()
+            wide = cpu_multiplies_bf16() and packing_works()
             replace_linears(model, functools.partial(HalfWeightLinear, wide=wide), torch.float32)
     return model
 

@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from bot.longterm import LongTerm, Remembered
-from training.index import KNOWLEDGE_BONUS, MIN_SCORE, IndexProblem, PersonaIndex, TextEmbedder
+from training.index import (
+    FACT_ANSWER_MARGIN,
+    FACT_ANSWER_MIN,
+    KNOWLEDGE_BONUS,
+    MIN_SCORE,
+    IndexProblem,
+    PersonaIndex,
+    TextEmbedder,
+)
 from training.knowledge import QUESTION_WORDS as _QUESTION_WORDS
 from training.knowledge import Item, is_question
 from training.privacy import Redactor
@@ -54,8 +62,8 @@ class FactAnswers:
     the sample's ordinary incoming chat messages, never on its evaluation questions (figures in
     benchmarks/README.md)."""
 
-    min_similarity: float = 0.7
-    margin: float = 0.02  # over the next item's score: no near tie with another answer
+    min_similarity: float = FACT_ANSWER_MIN
+    margin: float = FACT_ANSWER_MARGIN  # over the next item's score: no near tie with another answer
 
 
 def scored(found: list[tuple[float, Item]]) -> list[Scored]:

@@ -67,6 +67,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> None:
+    from training.index import persona_indexes
+
     session = open_session(args)
     folder = session.persona.knowledge
     assert folder is not None
@@ -86,8 +88,6 @@ def cmd_add(args: argparse.Namespace) -> None:
     if not added:
         raise CliError("nothing to add: give note files or --text")
     print(f"Added to {shown(folder)}: {', '.join(added)}")
-    from training.index import persona_indexes
-
     if not persona_indexes(session.persona):  # nothing to update: prepare indexes every note
         print("No index yet: `clone prepare` (or `clone start`) will index it with the rest.")
         return

@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.recall import GROUNDED_CANDIDATES, GROUNDED_MIN
+from bot.recall import GROUNDED_CANDIDATES, GROUNDED_MIN, FactAnswers, RecallAnswers
 from bot.serve import PlatformSettings, SettingsError
 
 # What a secret may look like, and the line that says so (never the value). The libraries paste
@@ -70,9 +70,11 @@ class Settings(BaseSettings):
     clone_longterm_items: int = Field(500, ge=1, description="words remembered per user and platform")
     # A message this similar to a knowledge-base question gets the person's own written answer;
     # `off` generates every reply. 0.7 fired on 0.84% of the sample's ordinary incoming messages.
-    clone_fact_answer_min: float | None = Field(0.7, gt=0, le=1, description="fact answer threshold")
+    clone_fact_answer_min: float | None = Field(FactAnswers.min_similarity, gt=0, le=1,
+                                                description="fact answer threshold")
     # A user asking about themselves this close to something they said gets their words told back.
-    clone_recall_answer_min: float | None = Field(0.45, gt=0, le=1, description="recall answer threshold")
+    clone_recall_answer_min: float | None = Field(RecallAnswers.min_similarity, gt=0, le=1,
+                                                  description="recall answer threshold")
     # A question this similar to a recalled knowledge item is answered by grounded decoding: the
     # reply weighed against what the clone would say without its recalled items.
     clone_grounded_min: float | None = Field(GROUNDED_MIN, gt=0, le=1, description="grounded decoding from")

@@ -158,10 +158,11 @@ def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbe
         sample["messages"][0]["content"] = system_prompt(persona, chosen)
 
 
-# An incoming chat line this near a fact's question (and clearly nearest to it) asks that fact:
-# serving's fact-answer threshold (bot.recall.FactAnswers), 31 of the 32 lines it picks on the
-# sample's chats asked that very question.
-PARAPHRASE_MIN, PARAPHRASE_MARGIN = 0.7, 0.02
+# An incoming chat line this near a fact's question, and this far ahead of the next item, asks
+# that fact: serving sends the fact's answer (bot.recall.FactAnswers' defaults) and training
+# makes it a knowledge sample (paraphrase_samples). On the sample's 3,812 incoming lines it picks
+# 32, and 31 of them asked that very question (benchmarks/README.md).
+FACT_ANSWER_MIN, FACT_ANSWER_MARGIN = 0.7, 0.02
 
 
 def paraphrase_samples(samples: list[dict], index: PersonaIndex, embedder: TextEmbedder,
@@ -183,9 +184,9 @@ def paraphrase_samples(samples: list[dict], index: PersonaIndex, embedder: TextE
     out = []
     for line, vector in zip(lines, embedder.embed(lines) if lines else [], strict=True):
         found = index.search(vector, RECALL_ITEMS, MIN_SCORE, asked[line])
-        if not found or found[0][1].kind != "fact" or found[0][0] - KNOWLEDGE_BONUS < PARAPHRASE_MIN:
+        if not found or found[0][1].kind != "fact" or found[0][0] - KNOWLEDGE_BONUS < FACT_ANSWER_MIN:
             continue
-        if len(found) > 1 and found[0][0] - found[1][0] < PARAPHRASE_MARGIN:
+        if len(found) > 1 and found[0][0] - found[1][0] < FACT_ANSWER_MARGIN:
             continue
         fact = found[0][1]
         chosen = fit_recalled([item.recalled() for _, item in found], count_tokens, budget)
