@@ -8,9 +8,11 @@ fp32 through `model.generate` (serve_speed.py's baseline), interleaved turn by t
 the served model keeps bf16 copies for prompts (bot.generation.HalfWeightLinear on a CPU with
 native bf16), to the served path with them switched off ("served, fp16 only"). It prints
 per-reply seconds (p50, p95, mean) and their ratios. With `--channels N`, N chats then go on at
-once, turn by turn, through two engines: one sends the N messages of a turn together (each
-after its own recall, as a bot's channels do), the other one after another; the ratio of their
-times is the throughput of N channels against one at a time.
+once, turn by turn, through engines that send the N messages of a turn together (each after
+its own recall, as a bot's channels do; also without the batching gap, and with the batch's
+prompts read as one padded batch, the path before `training.generate.read_once` read each at its
+own length) and one that sends them one after another; the ratio of their times is the
+throughput of N channels against one at a time.
 
     python benchmarks/chat_speed.py --persona DIR                # a prepared (and trained) persona
     python benchmarks/chat_speed.py --persona DIR --tokens 0 --chats 3 --turns 8   # as served
@@ -40,6 +42,7 @@ from bot.engine import Incoming
 from bot.generation import GenerationSettings, HalfWeightLinear, LocalBackend, load_clone
 from bot.quiz import quiz_engine
 from bot.runtime import index_folder
+from training import generate
 from training.base_model import load_model, resolve_base
 from training.embed import Embedder
 from training.encode import encode, load_jsonl
@@ -66,6 +69,19 @@ def fp16_only(model):
     finally:
         for m, (wide, bias) in zip(layers, kept, strict=True):
             m.wide, m.wide_bias = wide, bias
+
+
+@contextlib.contextmanager
+def padded_reads(on: bool):
+    """With `on`, a batch's prompts read as one left-padded batch (the path before
+    training.generate.read_once read each at its own length), for a while."""
+    kept = generate.caches_every_position
+    if on:
+        generate.caches_every_position = lambda _model: False
+    try:
+        yield
+    finally:
+        generate.caches_every_position = kept
 
 
 def has_wide(model) -> bool:
@@ -139,7 +155,8 @@ async def at_once(args, persona: Persona) -> dict:
     model, tokenizer, _ = load_clone(persona.adapters, None, None, persona.id)
     n = args.tokens or 64
     embedder = Embedder()
-    gaps = {"together": GenerationSettings().batch_gap, "together, no gap": 0.0, "one at a time": 0.0}
+    gaps = {"together": GenerationSettings().batch_gap, "together, no gap": 0.0,
+            "together, prompts padded": GenerationSettings().batch_gap, "one at a time": 0.0}
     index = index_folder(persona, None)
     engines = {name: quiz_engine(persona, model, tokenizer, index, embedder, settings=GenerationSettings(
                    max_new_tokens=n, natural_length=False, batch_gap=gap)) for name, gap in gaps.items()}
@@ -155,7 +172,8 @@ async def at_once(args, persona: Persona) -> dict:
                     for m in said:
                         await engine.handle(m)
                 else:
-                    await asyncio.gather(*(engine.handle(m) for m in said))
+                    with padded_reads(name.endswith("padded")):
+                        await asyncio.gather(*(engine.handle(m) for m in said))
                 times[name].append(time.perf_counter() - started)
             took = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
             print(f"  turn {i + 1} of {len(said)} chats: {took}", flush=True)

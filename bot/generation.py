@@ -1,9 +1,9 @@
 """The in-process generation backend: the active adapter (or the base model) behind a batching queue.
 
-Requests from different channels that arrive together are generated in one batch (measured
-about 5.7x the throughput of one at a time on a CPU). The model runs in a worker thread, off
-the event loop; the queue is bounded, and a full queue answers `Busy` at once rather than
-making a user wait minutes.
+Requests from different channels that arrive together are generated in one batch (on 2 cores,
+about 2x the throughput of one at a time through the engine: benchmarks/README.md). The model
+runs in a worker thread, off the event loop; the queue is bounded, and a full queue answers
+`Busy` at once rather than making a user wait minutes.
 
 Serving speed (issue 13; figures in benchmarks/README.md, from benchmarks/serve_speed.py):
 `load_clone` serves the adapter merged into the base weights it loaded for serving (a new model
@@ -56,9 +56,10 @@ class GenerationSettings:
     natural_length: bool = True
     # torch threads while generating (None: torch's own choice). See serving_threads.
     threads: int | None = field(default_factory=lambda: serving_threads())
-    # torch threads for a batch of several channels (None: `threads`): every core. One reply step
-    # is bound by memory, but 8 prompts to read and 8 rows a step are arithmetic that more cores
-    # share (benchmarks/serve_speed.py, the 8-channel column).
+    # torch threads for a batch of several channels and for reading any prompt (None: `threads`):
+    # every core. One reply step is bound by memory, but a prompt to read and 8 rows a step are
+    # arithmetic that more cores share (a 441-token prompt: 0.80 s on one thread, 0.48 s on two;
+    # benchmarks/README.md, chat_speed.py).
     batch_threads: int | None = field(default_factory=lambda: os.cpu_count())
     # Grounded replies (generate_grounded): how far each step is pushed away from what the model
     # would say without the recalled items (training.generate.RecallContrast). 1.0 is the paper's
@@ -389,8 +390,8 @@ class LocalBackend:
             torch.set_num_threads(threads)  # process-wide: the recall embedder follows it too
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (),
-            contrast=s.contrast, groups=groups or (), enough=s.enough_candidates)
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (), contrast=s.contrast,
+            groups=groups or (), enough=s.enough_candidates, read_threads=s.batch_threads)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

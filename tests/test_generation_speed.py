@@ -324,20 +324,52 @@ def test_nucleus_gives_the_scores_of_transformers_own_warpers():
     assert kept.min() >= 1 and kept.max() <= TOP_K
 
 
-def test_sampled_turns_are_those_of_transformers_own_sampling(tiny_base, tokenizer):
-    """The same seed, the same replies: Nucleus in place of transformers' temperature and top-p
-    changes nothing but the time."""
-    from training.encode import encode
+def test_a_drawn_token_is_one_nucleus_keeps_as_often_as_its_probability():
+    from training.generate import Nucleus, NucleusDraw
 
+    torch.manual_seed(0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    scores = torch.randn(1, 5000) * 4.0  # a nucleus of a few tokens
+    kept = Nucleus(0.8, 0.9)(ids, scores.clone())
+    want = kept.softmax(dim=-1)[0]
+    draw = NucleusDraw(0.8, 0.9)
+    counts = torch.zeros(5000)
+    for _ in range(4000):
+        out = draw(ids, scores.clone())[0]
+        assert int(torch.isfinite(out).sum()) == 1  # one token left for generate to take
+        counts[out.argmax()] += 1
+    assert (counts[want == 0] == 0).all()  # never one that Nucleus drops
+    assert torch.allclose(counts / 4000, want, atol=0.03)
+
+
+def test_sampled_turns_follow_the_seed(tiny_base, tokenizer):
     model = load_model(resolve_base(str(tiny_base))).eval()
-    ids = torch.tensor([encode(HELLO[0], tokenizer, add_generation_prompt=True).input_ids])
-    for seed in range(3):
+
+    def sampled(seed: int) -> str:
         torch.manual_seed(seed)
-        [(ours, _)] = generate_turns(model, tokenizer, HELLO[:1], max_new_tokens=12, temperature=0.8,
+        [(turn, _)] = generate_turns(model, tokenizer, HELLO[:1], max_new_tokens=12, temperature=0.8,
                                      top_p=0.9, repetition_penalty=1.1)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                 do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1,
-                                 pad_token_id=tokenizer.pad_token_id)
-        assert ours == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+        return turn
+
+    first = [sampled(seed) for seed in range(3)]
+    assert [sampled(seed) for seed in range(3)] == first  # the same seed, the same replies
+    assert len(set(first)) > 1  # sampled, not greedy
+
+
+def test_prompts_are_read_on_the_read_threads_and_steps_run_on_those_set(tiny_base, tokenizer):
+    model = load_model(resolve_base(str(tiny_base))).eval()
+    seen: list[tuple[int, int]] = []  # (tokens per row read, torch threads then)
+    handle = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())),
+        with_kwargs=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate_turns(model, tokenizer, HELLO[:1], max_new_tokens=4, temperature=0, read_threads=2)
+        after = torch.get_num_threads()
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert seen[0][0] > 1 and seen[0][1] == 2  # the prompt, on 2 threads
+    assert all(n == 1 and threads == 1 for n, threads in seen[1:])  # each step, on the one set
+    assert after == 1

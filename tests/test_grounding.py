@@ -125,5 +125,45 @@ def test_candidates_of_one_prompt_read_it_once_and_decode_as_if_read_apart(model
                                   max_new_tokens=8, temperature=0, plain=[PLAIN, PLAIN, None, PLAIN])
     finally:
         handle.remove()
-    assert sizes == [2, 1]  # the two prompts once each, then the one plain prompt once
+    assert sizes == [1, 1, 1]  # the two prompts once each, then the one plain prompt once
     assert together == [apart[0], apart[0], apart[1], apart[0]]
+
+
+def lengths_read(model) -> tuple[list[int], object]:
+    """The lengths of the prompts the model reads (forward passes of more than one token)."""
+    read: list[int] = []
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            read.extend([ids.shape[1]] * ids.shape[0])
+
+    return read, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_a_batch_reads_each_prompt_at_its_own_length_and_replies_as_if_alone(model, tokenizer):
+    lengths = [len(encode(c, tokenizer, add_generation_prompt=True).input_ids) for c in CHATS]
+    assert lengths[0] != lengths[1]  # one of them is padded in the batch
+    alone = [generate_turns(model, tokenizer, [c], max_new_tokens=8, temperature=0)[0] for c in CHATS]
+    read, handle = lengths_read(model)
+    try:
+        together = generate_turns(model, tokenizer, CHATS, max_new_tokens=8, temperature=0)
+    finally:
+        handle.remove()
+    assert read == [n - 1 for n in lengths]  # no padding read; generate takes each last token
+    assert together == alone
+
+
+def test_where_a_cache_keeps_a_window_the_batch_is_read_padded_and_replies_the_same(model, tokenizer,
+                                                                                   monkeypatch):
+    from training import generate
+
+    alone = [generate_turns(model, tokenizer, [c], max_new_tokens=8, temperature=0)[0] for c in CHATS]
+    monkeypatch.setattr(generate, "caches_every_position", lambda _model: False)
+    read, handle = lengths_read(model)
+    try:
+        together = generate_turns(model, tokenizer, CHATS, max_new_tokens=8, temperature=0)
+    finally:
+        handle.remove()
+    assert len(set(read)) == 1 and len(read) == 2  # one padded batch
+    assert together == alone
