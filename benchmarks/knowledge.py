@@ -363,10 +363,11 @@ def perplexity(persona: Persona, model, tokenizer) -> dict:
 
     data = persona.dataset
     val = load_jsonl(data / "val.jsonl")
-    ppl, _ = perplexities(model, tokenizer, val, example_lines(load_jsonl(data / "train.jsonl")))
+    ppl, _, last = perplexities(model, tokenizer, val, example_lines(load_jsonl(data / "train.jsonl")),
+                                last_of=len(val))
     return {"perplexity": ppl,
             "retrieval_gain": {k: round(ppl[f"{k}_no_recall"] / ppl[k], 3) for k in ("adapter", "base")},
-            **last_reply_gains(model, tokenizer, val)}
+            **last_reply_gains(model, tokenizer, val, last)}
 
 
 def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int,

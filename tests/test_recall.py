@@ -243,6 +243,27 @@ def test_the_last_reply_retrieval_gain_scores_that_reply_with_and_without_its_it
     assert min(longer) >= 0 and max(longer) > 0  # after its recalled items, where it has some
 
 
+def test_one_pass_scores_every_reply_and_the_last_as_scoring_them_apart(known, tokenizer, tiny_base):
+    from training.base_model import load_model, resolve_base
+    from training.encode import encode, load_jsonl
+    from training.evaluate import last_reply_rows, last_reply_start
+    from training.train import mean_nll, nll_sums
+
+    model = load_model(resolve_base(str(tiny_base))).eval()
+    val = load_jsonl(known.dataset / "val.jsonl") + load_jsonl(known.dataset / "train.jsonl")
+    pad = tokenizer.pad_token_id
+    whole = [{"input_ids": e.input_ids, "labels": e.labels}
+             for e in (encode(s["messages"], tokenizer) for s in val)]
+    marked = [{**row, "last": start} if (start := last_reply_start(s["messages"], tokenizer)) else row
+              for row, s in zip(whole, val, strict=True)]
+    total, count, last_total, last_count = nll_sums(model, marked, pad)
+    every, every_count = mean_nll(model, whole, pad)
+    last, last_n = mean_nll(model, last_reply_rows(val, tokenizer, wrong=False, recall=True), pad)
+    assert count == every_count and abs(total / count - every) < 1e-4
+    assert last_count == last_n > 0 and abs(last_total / last_count - last) < 1e-4
+    assert last_count < count  # the last replies alone
+
+
 def test_clone_knowledge_add_search_and_a_damaged_index(known, tmp_path):
     import shutil
 

@@ -126,8 +126,9 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood of the labelled tokens, and how many there were.
+def token_nlls(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative log-likelihood of each labelled token, and where they are: a mask over the
+    batch's positions from the second on (position j of the mask is token j + 1).
 
     The language-model head (576 x 49,152 for SmolLM2) runs only at positions that have a
     label: most of a chat is context, so this skips most of the largest matmul and never holds
@@ -140,5 +141,10 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    nll = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return nll, int(keep.sum())
+    return F.cross_entropy(logits, targets[keep], reduction="none"), keep
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the labelled tokens, and how many there were."""
+    nll, keep = token_nlls(model, batch)
+    return nll.sum(), int(keep.sum())

@@ -31,7 +31,7 @@ from training.generate import generate_turns
 from training.prompt import turn_text, without_recall
 from training.report import verdict, write_report
 from training.style import compare_style
-from training.train import mean_nll
+from training.train import mean_nll, nll_sums
 
 N_EXAMPLES = 8  # the person's messages shown to the prompted baseline
 CONTEXT_SAMPLES = 64  # validation samples scored for the context gain and last-reply retrieval gain
@@ -81,25 +81,44 @@ def context_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages[1:])
 
 
-def perplexities(model, tokenizer, val: list[dict], lines: list[str]) -> tuple[dict[str, float], int]:
+def perplexities(model, tokenizer, val: list[dict], lines: list[str],
+                 last_of: int = CONTEXT_SAMPLES) -> tuple[dict[str, float], int, dict[str, dict[str, float]]]:
     """Per-token perplexity of the real replies under base, prompted base and adapter, with the
-    recalled items and (`*_no_recall`) without."""
+    recalled items and (`*_no_recall`) without; the number of tokens scored; and, from the same
+    passes, the mean negative log-likelihood of the last reply of the first `last_of` samples, per
+    model, after its own conversation with its recalled items ("recalled items") and without them
+    ("true context"), for last_reply_gains."""
 
     def rows(prompted: bool = False, recall: bool = True) -> list[dict]:
-        chats = (s["messages"] if recall else without_recall(s["messages"]) for s in val)
-        encoded = (encode(with_examples(c, lines) if prompted else c, tokenizer) for c in chats)
-        return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+        out = []
+        for i, sample in enumerate(val):
+            chat = sample["messages"] if recall else without_recall(sample["messages"])
+            e = encode(with_examples(chat, lines) if prompted else chat, tokenizer)
+            start = last_reply_start(chat, tokenizer) if i < last_of and not prompted else None
+            out.append({"input_ids": e.input_ids, "labels": e.labels, **({"last": start} if start else {})})
+        return out
 
     pad = tokenizer.pad_token_id
+    passes = {}
     with model.disable_adapter():
-        base_nll, n_tokens = mean_nll(model, rows(), pad, desc="Scoring base")
-        base_bare, _ = mean_nll(model, rows(recall=False), pad, desc="Scoring base, no recall")
-        prompted_nll, _ = mean_nll(model, rows(prompted=True), pad, desc="Scoring prompted")
-    adapter_nll, _ = mean_nll(model, rows(), pad, desc="Scoring adapter")
-    adapter_bare, _ = mean_nll(model, rows(recall=False), pad, desc="Scoring adapter, no recall")
-    nll = {"base": base_nll, "prompted": prompted_nll, "adapter": adapter_nll,
-           "base_no_recall": base_bare, "adapter_no_recall": adapter_bare}
-    return {k: round(math.exp(v), 3) for k, v in nll.items()}, n_tokens
+        passes["base"] = nll_sums(model, rows(), pad, desc="Scoring base")
+        passes["base_no_recall"] = nll_sums(model, rows(recall=False), pad, desc="Scoring base, no recall")
+        passes["prompted"] = nll_sums(model, rows(prompted=True), pad, desc="Scoring prompted")
+    passes["adapter"] = nll_sums(model, rows(), pad, desc="Scoring adapter")
+    passes["adapter_no_recall"] = nll_sums(model, rows(recall=False), pad, desc="Scoring adapter, no recall")
+    ppl = {k: round(math.exp(total / count), 3) for k, (total, count, _, _) in passes.items()}
+    last = {name: {"recalled items": passes[name][2] / passes[name][3],
+                   "true context": passes[f"{name}_no_recall"][2] / passes[f"{name}_no_recall"][3]}
+            for name in ("adapter", "base") if passes[name][3] and passes[f"{name}_no_recall"][3]}
+    return ppl, passes["base"][1], last
+
+
+def last_reply_start(messages: list[dict], tokenizer) -> int | None:
+    """Where the person's last reply begins in the encoded `messages` (its first labelled
+    position), when the sample ends with one after a conversation (3 messages at least)."""
+    if len(messages) < 3 or messages[-1]["role"] != "assistant":
+        return None
+    return len(encode(messages[:-1], tokenizer, add_generation_prompt=True).input_ids)
 
 
 def last_reply_rows(val: list[dict], tokenizer, wrong: bool, recall: bool = False) -> list[dict]:
@@ -114,37 +133,35 @@ def last_reply_rows(val: list[dict], tokenizer, wrong: bool, recall: bool = Fals
         if wrong:
             other = pairs[(i + 1) % len(pairs)][0]
             context = [context[0], *other[1:]]  # the same system prompt, another conversation
-        prefix = len(encode(context, tokenizer, add_generation_prompt=True).input_ids)
+        prefix = last_reply_start([*context, reply], tokenizer) or 0
         e = encode([*context, reply], tokenizer)
         rows.append({"input_ids": e.input_ids, "labels": [IGNORE] * prefix + e.labels[prefix:]})
     return rows
 
 
-def last_reply_gains(model, tokenizer, val: list[dict]) -> dict[str, dict[str, float] | None]:
+def last_reply_gains(model, tokenizer, val: list[dict],
+                     scored: dict[str, dict[str, float]]) -> dict[str, dict[str, float] | None]:
     """Two perplexity ratios of each sample's last reply, labelled alone, for the adapter and the
-    base model (the adapter off); the reply after its own conversation, without recalled items,
-    is scored once for both.
+    base model (the adapter off). `scored`: perplexities' last-reply scores of these samples
+    (the reply after its own conversation, with and without its recalled items); the reply after
+    a wrong conversation is scored here.
     - context_gain: after a wrong conversation / after the true one, both without recalled items
       (they would tell the true conversation's topic); None with fewer than two samples.
     - retrieval_gain_last_reply: without its recalled items / with them. The items were recalled
       for the message that reply answers, as serving recalls them for each message; the
       perplexities' retrieval gain also counts a sample's earlier replies, which serving would
       answer with items of their own. None without samples."""
-    rows = {"true context": last_reply_rows(val, tokenizer, wrong=False),
-            "wrong context": last_reply_rows(val, tokenizer, wrong=True) if len(val) >= 2 else [],
-            "recalled items": last_reply_rows(val, tokenizer, wrong=False, recall=True)}
+    wrong = last_reply_rows(val, tokenizer, wrong=True) if len(val) >= 2 else []
     pad = tokenizer.pad_token_id
-
-    def nlls() -> dict[str, float]:
-        return {k: mean_nll(model, r, pad, desc=f"Scoring last replies, {k}")[0]
-                for k, r in rows.items() if r}
-
-    with model.disable_adapter():
-        base = nlls()
-    by_model = {"adapter": nlls(), "base": base}
+    by_model = {name: dict(scored.get(name, {})) for name in ("adapter", "base")}
+    if wrong and scored:
+        desc = "Scoring last replies, wrong context"
+        with model.disable_adapter():
+            by_model["base"]["wrong context"] = mean_nll(model, wrong, pad, desc=desc)[0]
+        by_model["adapter"]["wrong context"] = mean_nll(model, wrong, pad, desc=desc)[0]
 
     def ratio(worse: str, better: str) -> dict[str, float] | None:
-        if worse not in base or better not in base:
+        if any(worse not in nll or better not in nll for nll in by_model.values()):
             return None
         return {name: round(math.exp(nll[worse] - nll[better]), 3) for name, nll in by_model.items()}
 
@@ -187,7 +204,7 @@ def evaluate(
     if not val:
         raise ValueError(f"{data}/val.jsonl is empty: nothing held out to evaluate on")
     lines = example_lines(train)
-    ppl, n_tokens = perplexities(model, tokenizer, val, lines)
+    ppl, n_tokens, last = perplexities(model, tokenizer, val, lines)
     card = json.loads((data / "card.json").read_text(encoding="utf-8"))
     result = {
         "version": manifest["version"],
@@ -195,7 +212,7 @@ def evaluate(
         "val_replies": sum(m["role"] == "assistant" for s in val for m in s["messages"]),
         "val_tokens": n_tokens,
         "dataset": card.get("fingerprint"),
-        **last_reply_gains(model, tokenizer, val[:CONTEXT_SAMPLES]),
+        **last_reply_gains(model, tokenizer, val[:CONTEXT_SAMPLES], last),
         "knowledge": quiz(model, tokenizer, folder) if quiz else None,
         **sample_replies(model, tokenizer, val, samples, max_new_tokens),
         "model": {

@@ -43,7 +43,7 @@ from training import adapters, preference
 from training.atomic import staged_dir
 from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
 from training.config import TrainConfig  # re-exported: its home was here
-from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll
+from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll, token_nlls
 from training.prompt import CONTRACT_VERSION
 
 log = logging.getLogger(__name__)
@@ -423,18 +423,34 @@ def mean_nll(
     model, rows: list[dict], pad_id: int, batch_size: int = SCORE_BATCH, desc: str = "Scoring"
 ) -> tuple[float, int]:
     """Token-weighted mean negative log-likelihood of the labelled tokens of `rows`."""
+    total, count, _, _ = nll_sums(model, rows, pad_id, batch_size, desc)
+    return (total / count if count else float("nan")), count
+
+
+@torch.no_grad()
+def nll_sums(
+    model, rows: list[dict], pad_id: int, batch_size: int = SCORE_BATCH, desc: str = "Scoring"
+) -> tuple[float, int, float, int]:
+    """Summed negative log-likelihood of the labelled tokens of `rows` and their count; then the
+    same for the tokens from each row's `last` position on, where a row has one (its last reply:
+    one pass scores a sample's every reply and its last one)."""
     from tqdm import tqdm
 
     model.eval()
-    total, count = 0.0, 0
+    sums = [0.0, 0, 0.0, 0]
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     starts = range(0, len(order), batch_size)
     for i in tqdm(starts, desc=desc, unit="batch", disable=None, leave=False):
-        batch = collate([rows[j] for j in order[i : i + batch_size]], pad_id)
-        nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + float(nll), count + n
-    return (total / count if count else float("nan")), count
+        chunk = [rows[j] for j in order[i : i + batch_size]]
+        batch = collate(chunk, pad_id)
+        nll, keep = token_nlls(model, {k: v.to(device) for k, v in batch.items()})
+        last = torch.tensor([r.get("last", batch["input_ids"].shape[1]) for r in chunk], device=device)
+        at = torch.arange(1, keep.shape[1] + 1, device=device)  # the token each position predicts
+        tail = (at >= last[:, None])[keep]
+        sums = [sums[0] + float(nll.sum()), sums[1] + int(keep.sum()),
+                sums[2] + float(nll[tail].sum()), sums[3] + int(tail.sum())]
+    return sums[0], sums[1], sums[2], sums[3]
 
 
 # -- 6. output -------------------------------------------------------------------------------
