@@ -60,7 +60,7 @@ def chats(val: list[dict], count: int, turns: int) -> list[list[str]]:
 @contextlib.contextmanager
 def fp16_only(model):
     """The served model without its bf16 copies for prompts, for a while."""
-    layers = [m for m in model.modules() if isinstance(m, HalfWeightLinear) and m.wide is not None]
+    layers = wide_layers(model)
     kept = [(m.wide, m.wide_bias) for m in layers]
     for m in layers:
         m.wide = m.wide_bias = None
@@ -84,8 +84,9 @@ def padded_reads(on: bool):
         generate.caches_every_position = kept
 
 
-def has_wide(model) -> bool:
-    return any(isinstance(m, HalfWeightLinear) and m.wide is not None for m in model.modules())
+def wide_layers(model) -> list[HalfWeightLinear]:
+    """The served model's layers that keep a bf16 copy for prompts."""
+    return [m for m in model.modules() if isinstance(m, HalfWeightLinear) and m.wide is not None]
 
 
 def timed(call, *args) -> tuple[float, object]:
@@ -122,7 +123,7 @@ async def play(args, persona: Persona) -> dict:
     val = load_jsonl(persona.dataset / "val.jsonl")
     if as_served:
         del times["bare"]
-    elif has_wide(model) and not args.fp16_only:
+    elif wide_layers(model) and not args.fp16_only:
         times["served, fp16 only"] = []
     forced = args.tokens or None
     # --fp16-only: the whole run on the served path before its bf16 copies for prompts.

@@ -99,18 +99,21 @@ def perplexities(model, tokenizer, val: list[dict], lines: list[str],
         return out
 
     pad = tokenizer.pad_token_id
+    told, untold = rows(), rows(recall=False)  # each scored by both models
     passes = {}
     with model.disable_adapter():
-        passes["base"] = nll_sums(model, rows(), pad, desc="Scoring base")
-        passes["base_no_recall"] = nll_sums(model, rows(recall=False), pad, desc="Scoring base, no recall")
+        passes["base"] = nll_sums(model, told, pad, desc="Scoring base")
+        passes["base_no_recall"] = nll_sums(model, untold, pad, desc="Scoring base, no recall")
         passes["prompted"] = nll_sums(model, rows(prompted=True), pad, desc="Scoring prompted")
-    passes["adapter"] = nll_sums(model, rows(), pad, desc="Scoring adapter")
-    passes["adapter_no_recall"] = nll_sums(model, rows(recall=False), pad, desc="Scoring adapter, no recall")
-    ppl = {k: round(math.exp(total / count), 3) for k, (total, count, _, _) in passes.items()}
-    last = {name: {"recalled items": passes[name][2] / passes[name][3],
-                   "true context": passes[f"{name}_no_recall"][2] / passes[f"{name}_no_recall"][3]}
-            for name in ("adapter", "base") if passes[name][3] and passes[f"{name}_no_recall"][3]}
-    return ppl, passes["base"][1], last
+    passes["adapter"] = nll_sums(model, told, pad, desc="Scoring adapter")
+    passes["adapter_no_recall"] = nll_sums(model, untold, pad, desc="Scoring adapter, no recall")
+    ppl = {k: round(math.exp(p.mean), 3) for k, p in passes.items()}
+    last = {}
+    for name in ("adapter", "base"):
+        with_items, without = passes[name], passes[f"{name}_no_recall"]
+        if with_items.last_count and without.last_count:
+            last[name] = {"recalled items": with_items.last_mean, "true context": without.last_mean}
+    return ppl, passes["base"].count, last
 
 
 def last_reply_start(messages: list[dict], tokenizer) -> int | None:

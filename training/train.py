@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -423,21 +424,37 @@ def mean_nll(
     model, rows: list[dict], pad_id: int, batch_size: int = SCORE_BATCH, desc: str = "Scoring"
 ) -> tuple[float, int]:
     """Token-weighted mean negative log-likelihood of the labelled tokens of `rows`."""
-    total, count, _, _ = nll_sums(model, rows, pad_id, batch_size, desc)
-    return (total / count if count else float("nan")), count
+    sums = nll_sums(model, rows, pad_id, batch_size, desc)
+    return sums.mean, sums.count
+
+
+class NllSums(NamedTuple):
+    """Summed negative log-likelihood of labelled tokens and their count; then the same for the
+    tokens of the rows' last replies (from each row's `last` position on, where it has one)."""
+
+    total: float
+    count: int
+    last_total: float
+    last_count: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def last_mean(self) -> float:
+        return self.last_total / self.last_count if self.last_count else float("nan")
 
 
 @torch.no_grad()
 def nll_sums(
     model, rows: list[dict], pad_id: int, batch_size: int = SCORE_BATCH, desc: str = "Scoring"
-) -> tuple[float, int, float, int]:
-    """Summed negative log-likelihood of the labelled tokens of `rows` and their count; then the
-    same for the tokens from each row's `last` position on, where a row has one (its last reply:
-    one pass scores a sample's every reply and its last one)."""
+) -> NllSums:
+    """NllSums of `rows`: one pass scores a sample's every reply and its last one."""
     from tqdm import tqdm
 
     model.eval()
-    sums = [0.0, 0, 0.0, 0]
+    sums = NllSums(0.0, 0, 0.0, 0)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     starts = range(0, len(order), batch_size)
@@ -448,9 +465,9 @@ def nll_sums(
         last = torch.tensor([r.get("last", batch["input_ids"].shape[1]) for r in chunk], device=device)
         at = torch.arange(1, keep.shape[1] + 1, device=device)  # the token each position predicts
         tail = (at >= last[:, None])[keep]
-        sums = [sums[0] + float(nll.sum()), sums[1] + int(keep.sum()),
-                sums[2] + float(nll[tail].sum()), sums[3] + int(tail.sum())]
-    return sums[0], sums[1], sums[2], sums[3]
+        sums = NllSums(sums.total + float(nll.sum()), sums.count + int(keep.sum()),
+                       sums.last_total + float(nll[tail].sum()), sums.last_count + int(tail.sum()))
+    return sums
 
 
 # -- 6. output -------------------------------------------------------------------------------
