@@ -170,6 +170,20 @@ def test_prepare_takes_the_author_named_as_the_persona(tmp_path, capsys):
     assert code == 2 and "`me` in persona.toml" in err
 
 
+def test_a_knowledge_table_beside_a_chat_leaves_the_person_the_author_named_as_the_persona(tmp_path, capsys):
+    chat = FIXTURES / "whatsapp/WhatsApp Chat with Bob Smith.txt"
+    persona = new_persona(tmp_path, capsys, chat, FIXTURES / "tables/faq.csv", name="alice")
+    code, out, _ = run(["prepare", "--persona", persona, "--val-fraction", "0"], capsys)
+    assert code == 0, out
+    assert "Taking the author named alice as alice" in out  # not the table's answerer
+    train = [json.loads(x) for x in (persona / "dataset" / "train.jsonl").read_text().splitlines()]
+    replies = [m["content"] for s in train for m in s["messages"] if m["role"] == "assistant"]
+    assert any(r.startswith("Same to you") for r in replies)  # Alice's chat replies are trained on
+    table_only = new_persona(tmp_path / "other", capsys, FIXTURES / "tables/faq.csv", name="Carol")
+    code, out, _ = run(["prepare", "--persona", table_only, "--val-fraction", "0"], capsys)
+    assert code == 0 and "Taking the export's owner as" in out  # a table alone: its answerer
+
+
 def test_prepare_uses_the_exports_owner(tmp_path, capsys):
     persona = new_persona(tmp_path, capsys, FIXTURES / "telegram/full_export.json")
     code, out, _ = run(["prepare", "--persona", persona], capsys)

@@ -19,6 +19,7 @@ from pathlib import Path
 from training import corrections as corrections_store
 from training import dataset, feedback, index, knowledge
 from training.config import PrepareConfig
+from training.importers.tables import QA_ANSWERER
 from training.message import ImportReport, Message
 from training.persona import Persona
 from training.privacy import Redactor
@@ -59,18 +60,23 @@ class Outcome:
 def who_is_me(me: Sequence[str], persona: Persona, report: ImportReport,
               tally: ImportTally) -> tuple[list[str], str | None]:
     """The person's author names or ids, and how they were guessed when nobody said (None when
-    `me` or persona.toml did): the export's owner, else the one author named as the persona."""
+    `me` or persona.toml did): a chat export's owner, else the one author named as the persona,
+    else a question/answer table's answerer. A table's answers are the person's whoever `me` is
+    (dataset.PersonMatcher), so its answerer says nothing of who the person is in the chats."""
     if me:
         return list(me), None
     if persona.me:
         return list(persona.me), None
-    if report.owners:
-        return list(report.owners), "the export's owner"
+    chat_owners = [owner for owner in report.owners if owner != QA_ANSWERER]
+    if chat_owners:
+        return chat_owners, "the export's owner"
     wanted = persona.name.strip().casefold()  # as dataset.PersonMatcher compares names
     named = {author if author_id == "?" else author_id  # an author without an id: by name
              for author_id, author in tally.authors if author.strip().casefold() == wanted}
     if len(named) == 1:
         return list(named), f"the author named {persona.name}"
+    if report.owners:  # a question/answer table alone
+        return list(report.owners), "the export's owner"
     raise PrepareError(
         "who are you in these chats? set `me` in persona.toml or pass --me NAME_OR_ID "
         "(`clone import PATH` lists the authors)")
