@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bot.engine import Busy, Generated
+from training import cpu
 from training.generate import generate_turns
 
 log = logging.getLogger(__name__)
@@ -87,24 +88,14 @@ def serving_threads(cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // 2)
 
 
-def cpu_flags() -> str:
-    """/proc/cpuinfo ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def cpu_multiplies_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls run natively (many rows faster than fp32; see WIDE_ROWS)."""
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu.cpu_multiplies_bf16()
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX: bf16 matmuls faster than fp32 (training.train.cpu_has_amx's test; not imported from
-    there, which would load the trainer). AVX-512 BF16 alone runs them at half the fp32 rate."""
-    return "amx_bf16" in cpu_flags()
+    """AMX: bf16 matmuls faster than fp32, the test training uses (training.cpu.cpu_has_amx)."""
+    return cpu.cpu_has_amx()
 
 
 def serving_precision(precision: str = "auto") -> str:

@@ -44,6 +44,7 @@ from training import adapters, preference
 from training.atomic import staged_dir
 from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
 from training.config import TrainConfig  # re-exported: its home was here
+from training.cpu import cpu_has_amx
 from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll, token_nlls
 from training.prompt import CONTRACT_VERSION
 
@@ -77,13 +78,6 @@ def tune_allocator() -> None:
     m_trim_threshold, m_mmap_max = -1, -4
     libc.mallopt(m_trim_threshold, 1 << 36)
     libc.mallopt(m_mmap_max, 0)
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def pick_precision(setting: str) -> str:
