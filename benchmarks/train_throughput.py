@@ -75,10 +75,10 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     import torch
 
     from training import train as t
-    from training.base_model import load_model, load_tokenizer, resolve_base
+    from training.base_model import load_tokenizer, resolve_base
 
     naive = mode == "baseline"
-    forced = "fp32" if naive else "bf16" if mode == "ours-bf16" else None  # ours-bf16: bf16 autocast
+    forced = "fp32" if naive else mode.removeprefix("ours-") if mode.startswith("ours-") else None
     if not naive:
         t.tune_allocator()
     cfg = t.TrainConfig(data=data, out=work, max_steps=steps, eval_steps=10**6, save_steps=10**6,
@@ -88,8 +88,8 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     base = resolve_base()
     tokenizer = load_tokenizer(base)
     rows = t.load_split(data, "train", tokenizer, cfg.max_length)
-    model = t.with_lora(load_model(base), cfg)
     precision = forced or t.pick_precision("auto")
+    model = t.training_model(base, cfg, precision)
 
     labelled = [0]
 
@@ -199,7 +199,8 @@ def matmul_flops(precision: str) -> float:
     import torch
 
     cuda = torch.cuda.is_available()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    halves = {"bf16": torch.bfloat16, "bf16-base": torch.bfloat16, "fp16": torch.float16}
+    dtype = halves.get(precision, torch.float32)
     a = torch.randn(2048, 576, device="cuda" if cuda else "cpu", dtype=dtype)
     b = torch.randn(576, 1536, device=a.device, dtype=dtype)
     for _ in range(5):
@@ -247,7 +248,8 @@ def summarise(runs: dict) -> dict:
         "runs": runs,
         "matmul_gflops": round(peak / 1e9, 1),
         "matmul_precision": ours["precision"],
-        "bf16_over_ours": ratio(runs, "tokens_per_second", "ours-bf16", "ours"),
+        "also_over_ours": {name: ratio(runs, "tokens_per_second", name, "ours")
+                           for name in runs if name.startswith("ours-")},
         "speedup": ratio(runs, "tokens_per_second"),
         "command_speedup": ratio(runs, "tokens_per_second", "command"),
         "peak_memory_ratio": ratio(runs, "peak_rss_gb"),
@@ -273,8 +275,8 @@ def print_table(summary: dict) -> None:
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in command["phases_s"].items())
         print(f"clone train whole, {command['steps']} steps: {command['tokens_per_second']:.0f} tok/s over "
               f"{command['seconds']:.0f} s ({summary['command_speedup']}x the baseline); {phases}")
-    if summary["bf16_over_ours"]:
-        print(f"ours with bf16 autocast / ours: {summary['bf16_over_ours']}x")
+    for name, r in summary["also_over_ours"].items():
+        print(f"{name} / ours: {r}x")
     if summary["speedup"]:
         print(f"speed-up ours/baseline: {summary['speedup']}x; peak memory ours/baseline: "
               f"{summary['peak_memory_ratio']}" + (f" (GPU: {summary['peak_gpu_memory_ratio']})"
@@ -289,9 +291,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--command", type=int, metavar="STEPS",
                     help="also time `clone train` whole for this many steps (its evaluations, checkpoints)")
-    ap.add_argument("--bf16-too", action="store_true",
-                    help="also run ours with bf16 autocast (where fp32 is picked), in the same run")
-    ap.add_argument("--child", choices=["baseline", "ours", "ours-bf16", "command"], help=argparse.SUPPRESS)
+    ap.add_argument("--also", action="append", default=[], choices=["fp32", "bf16", "bf16-base"],
+                    help="also run ours in this precision (bf16: autocast), in the same run; repeatable")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -305,7 +307,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or prepare_sample(Path(tmp))
-        modes = ("baseline", "ours", "ours-bf16") if args.bf16_too else ("baseline", "ours")
+        modes = ("baseline", "ours", *(f"ours-{p}" for p in args.also))
         runs = {mode: run_child(mode, data, args.steps, args.batch_size) for mode in modes}
         if args.command:
             runs["command"] = run_child("command", data, args.command, args.batch_size)

@@ -94,7 +94,8 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX: bf16 matmuls faster than fp32, the test training uses (training.cpu.cpu_has_amx)."""
+    """AMX: bf16 matmuls faster than fp32 even on one row (training times its own matmul instead:
+    training.train.pick_precision)."""
     return cpu.cpu_has_amx()
 
 

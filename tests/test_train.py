@@ -79,10 +79,13 @@ def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, 
     assert adapters.active_version(out) == result.version
     assert not (out / ".work" / result.version).exists()
 
-    # The adapter loads back and scores the validation split exactly as recorded.
-    from training.train import mean_nll
+    # The adapter loads back and scores the validation split exactly as recorded (in the
+    # precision it trained in: bf16 base weights where this CPU multiplies bf16 faster).
+    from training.train import BF16_BASE, mean_nll
 
-    model, tok, _ = adapters.load(out, base=str(tiny_base))
+    trained_in = manifest["hyperparameters"]["precision"]
+    model, tok, _ = adapters.load(out, base=str(tiny_base),
+                                  dtype=torch.bfloat16 if trained_in == BF16_BASE else None)
     rows = [{"input_ids": e.input_ids, "labels": e.labels}
             for e in (encode(s["messages"], tok) for s in load_jsonl(tiny_dataset / "val.jsonl"))]
     loss, _ = mean_nll(model, rows, tok.pad_token_id)
@@ -340,3 +343,47 @@ def test_the_mid_run_curve_scores_a_fixed_spread_of_the_validation_split():
     assert lengths[0] == 1 and lengths[-1] > 90  # the whole range of lengths
     assert curve_rows(rows) == picked  # the same points at every evaluation
     assert curve_rows(rows[:5]) == rows[:5]  # a small split is scored whole
+
+
+def test_auto_precision_on_a_cpu_follows_its_measured_bf16_speed(monkeypatch):
+    from training import train as t
+
+    monkeypatch.setattr(t, "bf16_matmul_speedup", lambda: 2.4)  # an AMD EPYC with AVX-512 BF16
+    assert t.pick_precision("auto") == t.BF16_BASE
+    monkeypatch.setattr(t, "bf16_matmul_speedup", lambda: 0.5)  # an Intel Xeon with it, no AMX
+    assert t.pick_precision("auto") == "fp32"
+    assert t.pick_precision("bf16-base") == t.BF16_BASE  # what is asked for is kept
+
+
+def test_training_on_bf16_base_weights_learns_an_fp32_adapter(tiny_base, tiny_dataset, tmp_path):
+    from transformers import TrainerCallback
+
+    from training.train import BF16_BASE, bf16_matmul_speedup, mean_nll
+
+    assert bf16_matmul_speedup() > 0
+    seen: dict[str, set] = {}
+
+    class Dtypes(TrainerCallback):  # what the weights are while the steps run
+        def on_step_end(self, args, state, control, model=None, **kw):
+            for trainable in (True, False):
+                seen[str(trainable)] = {p.dtype for p in model.parameters() if p.requires_grad == trainable}
+
+    runs = {p: train(tiny_config(tiny_base, tiny_dataset, tmp_path / p, precision=p, max_steps=20,
+                                 eval_steps=100), callbacks=[Dtypes()] if p == BF16_BASE else ())
+            for p in ("fp32", BF16_BASE)}
+    assert seen == {"True": {torch.float32}, "False": {torch.bfloat16}}
+    assert runs[BF16_BASE].manifest["hyperparameters"]["precision"] == BF16_BASE
+    from safetensors.torch import load_file
+
+    weights = load_file(runs[BF16_BASE].path / "adapter_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    # Its recorded score is that of the model as trained, and it learns nearly what fp32 learns.
+    model, tok, _ = adapters.load(tmp_path / BF16_BASE, base=str(tiny_base), dtype=torch.bfloat16)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels}
+            for e in (encode(s["messages"], tok) for s in load_jsonl(tiny_dataset / "val.jsonl"))]
+    loss, _ = mean_nll(model, rows, tok.pad_token_id)
+    assert loss == pytest.approx(runs[BF16_BASE].manifest["metrics"]["val_loss"], abs=1e-4)
+    with model.disable_adapter():
+        untrained, _ = mean_nll(model, rows, tok.pad_token_id)
+    learnt = {p: untrained - r.manifest["metrics"]["val_loss"] for p, r in runs.items()}
+    assert learnt[BF16_BASE] > 0.9 * learnt["fp32"] > 0

@@ -108,4 +108,7 @@ class TrainConfig:
     activate: bool = field(default=True, metadata={
         "help": "Make the new adapter the active one when the run ends."})
     precision: str = field(default="auto", metadata={
-        "help": "auto, fp32 or bf16 (auto: bf16 where the hardware multiplies it fast)."})
+        "help": "auto, fp32, bf16 (autocast, for a GPU), fp16 (a GPU without bf16) or bf16-base (the "
+                "frozen base model's weights in bf16, the adapter in fp32; auto picks it on a CPU that "
+                "multiplies bf16 faster than fp32).",
+        "choices": ("auto", "fp32", "bf16", "fp16", "bf16-base")})

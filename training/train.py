@@ -2,7 +2,8 @@
 
 Read top to bottom:
   1. settings     TrainConfig (training/config.py, torch-free, like TRL's config dataclasses)
-  2. speed        glibc allocator tuning, bf16 where the hardware multiplies it fast, no LoRA dropout
+  2. speed        glibc allocator tuning, bf16 where the hardware multiplies it fast (on a CPU:
+                  the frozen base's weights), no LoRA dropout
   3. data         samples encoded once; labels only on the person's turns; the owner's
                   corrections repeated (correction_weight), like knowledge answers
   4. model        base model + LoRA on the top layers' linear modules (peft)
@@ -44,7 +45,6 @@ from training import adapters, preference
 from training.atomic import staged_dir
 from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
 from training.config import TrainConfig  # re-exported: its home was here
-from training.cpu import cpu_has_amx
 from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll, token_nlls
 from training.prompt import CONTRACT_VERSION
 
@@ -80,17 +80,48 @@ def tune_allocator() -> None:
     libc.mallopt(m_mmap_max, 0)
 
 
-def pick_precision(setting: str) -> str:
-    """bf16 where the hardware has fast bf16 matmuls, fp32 otherwise.
+# On a CPU, bf16 pays where a training-sized matmul runs this many times faster in bf16 than in
+# fp32: 2.4-3.7x on an AMD EPYC with AVX-512 BF16, 0.5x on an Intel Xeon with it but no AMX.
+BF16_MIN_SPEEDUP = 1.3
+BF16_BASE = "bf16-base"  # the frozen base model held in bf16, the adapter and optimizer in fp32
 
-    A CPU with AVX-512 BF16 but no AMX multiplies bf16 at about half its fp32 rate (measured
-    here: 163 against 314 GFLOP/s), so autocast would only add casts.
+
+def pick_precision(setting: str) -> str:
+    """The precision `setting` trains in here; "auto": bf16 autocast on a GPU (fp16 without
+    bf16), bf16 base weights on a CPU whose bf16 matmuls are measured faster, fp32 otherwise.
+
+    On a CPU the base stays frozen, so its weights are cast once instead of by autocast at every
+    step: 1.64x the fp32 loop's tokens/s on the EPYC, where autocast gave 1.02x, and validation
+    perplexity within 0.1 % (benchmarks/README.md, train_throughput.py).
     """
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_amx() else "fp32"
+    return BF16_BASE if bf16_matmul_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+
+
+def bf16_matmul_speedup(rows: int = 2048, repeats: int = 3) -> float:
+    """How many times faster this CPU runs a linear layer of SmolLM2's MLP shape on a batch's
+    rows in bf16 than in fp32 (the best of `repeats` each; about a fifth of a second)."""
+
+    def best(x: torch.Tensor, w: torch.Tensor) -> float:
+        torch.nn.functional.linear(x, w)  # the first call sets up kernels
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    x, w = torch.randn(rows, 576), torch.randn(1536, 576)
+    return best(x, w) / best(x.bfloat16(), w.bfloat16())
+
+
+def training_model(base: BaseModel, cfg: TrainConfig, precision: str):
+    """The base model with a fresh LoRA, its weights in the dtype `precision` keeps them in
+    (peft keeps the adapter itself in fp32 either way)."""
+    return with_lora(load_model(base, dtype=torch.bfloat16 if precision == BF16_BASE else None), cfg)
 
 
 # -- 3. data ---------------------------------------------------------------------------------
@@ -610,7 +641,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     (work / adapters.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     set_seed(cfg.seed)
-    model = with_lora(load_model(base), cfg)
+    model = training_model(base, cfg, precision)
     reserve = preference.STEP_COST * preference.planned_steps(len(pair_rows), cfg)
     trainer = build_trainer(cfg, model, tokenizer, train_rows, val_rows, work, precision, started=started,
                             reserve_steps=reserve)
@@ -621,6 +652,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     runtime = time.monotonic() - run_started
     preferred = preference_stage(cfg, model, tokenizer, pair_rows, work, precision, started)
 
+    # Scored as trained: on bf16 base weights the sample's perplexity came out 0.3 % under the fp32
+    # model's (which `clone eval` reports), in half the time (20 s against 44).
     val = mean_nll(model, val_rows, tokenizer.pad_token_id) if val_rows else (None, 0)
     if val[0] is not None:  # the final point of the validation curve
         trainer.state.log_history.append(
