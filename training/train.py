@@ -81,7 +81,8 @@ def tune_allocator() -> None:
 
 
 # On a CPU, bf16 pays where a training-sized matmul runs this many times faster in bf16 than in
-# fp32: 2.4-3.7x on an AMD EPYC with AVX-512 BF16, 0.5x on an Intel Xeon with it but no AMX.
+# fp32: 6-9x on an Intel Xeon with AMX, 2.4-3.7x on an AMD EPYC with AVX-512 BF16 alone, 0.5x on an
+# Intel Xeon with AVX-512 BF16 but no AMX.
 BF16_MIN_SPEEDUP = 1.3
 BF16_BASE = "bf16-base"  # the frozen base model held in bf16, the adapter and optimizer in fp32
 
@@ -91,8 +92,8 @@ def pick_precision(setting: str) -> str:
     bf16), bf16 base weights on a CPU whose bf16 matmuls are measured faster, fp32 otherwise.
 
     On a CPU the base stays frozen, so its weights are cast once instead of by autocast at every
-    step: 1.64x the fp32 loop's tokens/s on the EPYC, where autocast gave 1.02x, and validation
-    perplexity within 0.1 % (benchmarks/README.md, train_throughput.py).
+    step. On a Xeon with AMX the loop ran 1.57x autocast's tokens/s and 1.66x fp32's, validation
+    perplexity within 0.1 % of fp32's (benchmarks/README.md, train_throughput.py --also bf16).
     """
     if setting != "auto":
         return setting
