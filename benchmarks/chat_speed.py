@@ -10,8 +10,8 @@ native bf16), to the served path with them switched off ("served, fp16 only"). I
 per-reply seconds (p50, p95, mean) and their ratios. With `--channels N`, N chats then go on at
 once, turn by turn, through engines that send the N messages of a turn together (each after
 its own recall, as a bot's channels do; also without the batching gap, and with the batch's
-prompts read as one padded batch, the path before `training.generate.read_once` read each at its
-own length) and one that sends them one after another; the ratio of their times is the
+prompts read the other way than served: padded to the longest, or each at its own length,
+GenerationSettings.padded_reads) and one that sends them one after another; the ratio of their times is the
 throughput of N channels against one at a time.
 
     python benchmarks/chat_speed.py --persona DIR                # a prepared (and trained) persona
@@ -42,7 +42,6 @@ from bot.engine import Incoming
 from bot.generation import GenerationSettings, HalfWeightLinear, LocalBackend, load_clone
 from bot.quiz import quiz_engine
 from bot.runtime import index_folder
-from training import generate
 from training.base_model import load_model, resolve_base
 from training.embed import Embedder
 from training.encode import encode, load_jsonl
@@ -69,19 +68,6 @@ def fp16_only(model):
     finally:
         for m, (wide, bias) in zip(layers, kept, strict=True):
             m.wide, m.wide_bias = wide, bias
-
-
-@contextlib.contextmanager
-def padded_reads(on: bool):
-    """With `on`, a batch's prompts read as one left-padded batch (the path before
-    training.generate.read_once read each at its own length), for a while."""
-    kept = generate.caches_every_position
-    if on:
-        generate.caches_every_position = lambda _model: False
-    try:
-        yield
-    finally:
-        generate.caches_every_position = kept
 
 
 def wide_layers(model) -> list[HalfWeightLinear]:
@@ -156,11 +142,13 @@ async def at_once(args, persona: Persona) -> dict:
     model, tokenizer, _ = load_clone(persona.adapters, None, None, persona.id)
     n = args.tokens or 64
     embedder = Embedder()
-    gaps = {"together": GenerationSettings().batch_gap, "together, no gap": 0.0,
-            "together, prompts padded": GenerationSettings().batch_gap, "one at a time": 0.0}
+    served = GenerationSettings()
+    other_read = f"together, prompts {'at their own lengths' if served.padded_reads else 'padded'}"
+    ways = {"together": {}, "together, no gap": {"batch_gap": 0.0},
+            other_read: {"padded_reads": not served.padded_reads}, "one at a time": {"batch_gap": 0.0}}
     index = index_folder(persona, None)
     engines = {name: quiz_engine(persona, model, tokenizer, index, embedder, settings=GenerationSettings(
-                   max_new_tokens=n, natural_length=False, batch_gap=gap)) for name, gap in gaps.items()}
+                   max_new_tokens=n, natural_length=False, **changed)) for name, changed in ways.items()}
     played = chats(load_jsonl(persona.dataset / "val.jsonl"), args.channels, args.turns)
     times: dict[str, list[float]] = {name: [] for name in engines}
     torch.manual_seed(0)
@@ -173,8 +161,7 @@ async def at_once(args, persona: Persona) -> dict:
                     for m in said:
                         await engine.handle(m)
                 else:
-                    with padded_reads(name.endswith("padded")):
-                        await asyncio.gather(*(engine.handle(m) for m in said))
+                    await asyncio.gather(*(engine.handle(m) for m in said))
                 times[name].append(time.perf_counter() - started)
             took = ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
             print(f"  turn {i + 1} of {len(said)} chats: {took}", flush=True)

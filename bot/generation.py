@@ -62,6 +62,11 @@ class GenerationSettings:
     # arithmetic that more cores share (a 441-token prompt: 0.80 s on one thread, 0.48 s on two;
     # benchmarks/README.md, chat_speed.py).
     batch_threads: int | None = field(default_factory=lambda: os.cpu_count())
+    # A batch's distinct prompts read as one batch padded to the longest (True), or each alone at
+    # its own length (training.generate.read_once). On AMX a full batch keeps the tiles busy: 8
+    # channels ran 9-12 % faster padded (4.26x one at a time against 3.84x); on an AMD EPYC with
+    # AVX-512, own lengths were 1.37x faster (benchmarks/README.md, chat_speed.py).
+    padded_reads: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     # Grounded replies (generate_grounded): how far each step is pushed away from what the model
     # would say without the recalled items (training.generate.RecallContrast). 1.0 is the paper's
     # weight; 2 and 3 made the sample's clone copy the recall list's "- Q:" markup.
@@ -383,7 +388,8 @@ class LocalBackend:
         turns = generate_turns(
             model, tokenizer, conversations, max_new_tokens=self.reply_cap(model), temperature=s.temperature,
             top_p=s.top_p, repetition_penalty=s.repetition_penalty, plain=plain or (), contrast=s.contrast,
-            groups=groups or (), enough=s.enough_candidates, read_threads=s.batch_threads)
+            groups=groups or (), enough=s.enough_candidates, read_threads=s.batch_threads,
+            padded_read=s.padded_reads)
         return [Generated(text, truncated) for text, truncated in turns]
 
     def reply_cap(self, model) -> int:

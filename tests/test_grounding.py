@@ -154,16 +154,34 @@ def test_a_batch_reads_each_prompt_at_its_own_length_and_replies_as_if_alone(mod
     assert together == alone
 
 
-def test_where_a_cache_keeps_a_window_the_batch_is_read_padded_and_replies_the_same(model, tokenizer,
-                                                                                   monkeypatch):
+@pytest.mark.parametrize("why", ["the cache keeps a window", "padded reads asked for"])
+def test_a_batch_read_padded_replies_the_same(model, tokenizer, monkeypatch, why):
     from training import generate
 
     alone = [generate_turns(model, tokenizer, [c], max_new_tokens=8, temperature=0)[0] for c in CHATS]
-    monkeypatch.setattr(generate, "caches_every_position", lambda _model: False)
+    if why == "the cache keeps a window":
+        monkeypatch.setattr(generate, "caches_every_position", lambda _model: False)
     read, handle = lengths_read(model)
     try:
-        together = generate_turns(model, tokenizer, CHATS, max_new_tokens=8, temperature=0)
+        together = generate_turns(model, tokenizer, CHATS, max_new_tokens=8, temperature=0,
+                                  padded_read=why == "padded reads asked for")
     finally:
         handle.remove()
     assert len(set(read)) == 1 and len(read) == 2  # one padded batch
     assert together == alone
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_backend_reads_a_batch_padded_where_the_cpu_has_amx(model, tokenizer, monkeypatch, amx):
+    from bot import generation
+
+    monkeypatch.setattr(generation, "cpu_has_fast_bf16", lambda: amx)
+    settings = GenerationSettings(max_new_tokens=4, temperature=0)
+    assert settings.padded_reads is amx
+    lengths = [len(encode(c, tokenizer, add_generation_prompt=True).input_ids) for c in CHATS]
+    read, handle = lengths_read(model)
+    try:
+        LocalBackend(model, tokenizer, settings).generate_batch(CHATS)
+    finally:
+        handle.remove()
+    assert read == ([max(lengths) - 1] * 2 if amx else [n - 1 for n in lengths])

@@ -28,13 +28,16 @@ def generate_turns(
     temperature: float = 0.8, top_p: float = 0.9, repetition_penalty: float = 1.0,
     plain: Sequence[list[dict[str, str]] | None] = (), contrast: float = 1.0,
     groups: Sequence[Sequence[int]] = (), enough: int = 2, read_threads: int | None = None,
+    padded_read: bool = False,
 ) -> list[tuple[str, bool]]:
     """(raw text, truncated) per conversation: left-padded, one batch. `truncated` is True when
     the row stopped before the model ended its turn. `plain`: per conversation, the same prompt
     without its recalled items, for the rows to decode by RecallContrast (None, or left out: an
     ordinary row). `groups`: rows that are candidates of one reply; once `enough` of a group's
     rows have ended, its other rows stop there (truncated). `read_threads`: torch threads while
-    the prompts are read (None: those set), the steps after keep those set before."""
+    the prompts are read (None: those set), the steps after keep those set before.
+    `padded_read`: the distinct prompts read as one left-padded batch instead of each at its own
+    length (faster where arithmetic is cheap, see GenerationSettings.padded_reads)."""
     prompts = [encode(c, tokenizer, add_generation_prompt=True).input_ids for c in conversations]
     pad = tokenizer.pad_token_id
     ids, mask = left_padded(prompts, pad)
@@ -50,8 +53,8 @@ def generate_turns(
     enough_ended = EnoughEnded(groups, enough, ends, ids.shape[1])
     stop = StoppingCriteriaList([enough_ended] if groups else [])
     ids, mask = ids.to(device), mask.to(device)
-    with torch_threads(read_threads):  # each distinct prompt read once, at its own length
-        shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1])[0]}
+    with torch_threads(read_threads):  # each distinct prompt read once
+        shared = {_CACHE: read_once(model, ids[:, :-1], mask[:, :-1], padded_read)[0]}
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -135,17 +138,18 @@ def torch_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def read_once(model, ids: torch.Tensor, mask: torch.Tensor):
+def read_once(model, ids: torch.Tensor, mask: torch.Tensor, padded: bool = False):
     """(key/value cache, last logits) of a left-padded batch, each distinct row read by the model
     once, and at its own length where every layer caches every position (then left-padded into
-    the batch's cache). Reading the prompts is most of a short reply's time on a CPU: a grounded
-    reply's candidates share their prompt, and padding 8 channels' prompts of 130-500 tokens to
-    the longest made a third of what a batch read, with attention growing as its square."""
+    the batch's cache), unless `padded` asks for one padded batch of the distinct rows. Reading
+    the prompts is most of a short reply's time on a CPU: a grounded reply's candidates share
+    their prompt, and padding 8 channels' prompts of 130-500 tokens to the longest made a third
+    of what a batch read, with attention growing as its square."""
     rows = [tuple(r) for r in torch.cat([ids, mask], dim=1).tolist()]
     distinct = list(dict.fromkeys(rows))
     first = [rows.index(r) for r in distinct]
     where = torch.tensor([distinct.index(r) for r in rows], device=ids.device)
-    if not caches_every_position(model):
+    if padded or not caches_every_position(model):
         cache, logits = read_padded(model, ids[first], mask[first])
         cache.reorder_cache(where)
         return cache, logits[where]
