@@ -11,8 +11,8 @@ per-reply seconds (p50, p95, mean) and their ratios. With `--channels N`, N chat
 once, turn by turn, through engines that send the N messages of a turn together (each after
 its own recall, as a bot's channels do; also without the batching gap, and with the batch's
 prompts read the other way than served: padded to the longest, or each at its own length,
-GenerationSettings.padded_reads) and one that sends them one after another; the ratio of their times is the
-throughput of N channels against one at a time.
+GenerationSettings.padded_reads) and one that sends them one after another; the ratio of their
+times is the throughput of N channels against one at a time.
 
     python benchmarks/chat_speed.py --persona DIR                # a prepared (and trained) persona
     python benchmarks/chat_speed.py --persona DIR --tokens 0 --chats 3 --turns 8   # as served
