@@ -218,8 +218,15 @@ def fp32_twin(model, base: BaseModel, cfg: TrainConfig):
     comparison and `adapters.load` score. Scored on its bf16 base instead, a small persona's
     validation perplexity read 3.8 % off (17.625 against 16.979), the sample's 0.3 %."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers.utils import logging as hf_logging
 
-    twin = with_lora(load_model(base), cfg)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the run's last bar stays the trainer's (the console reads it)
+    try:
+        twin = with_lora(load_model(base), cfg)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
     return twin
 
