@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.report import md_escape, write_report
+from training.report import md_escape, verdict, write_report
 from training.style import (
     SCALAR_KEYS,
     compare_style,
@@ -226,6 +226,16 @@ def test_full_report(tmp_path):
         assert data.startswith(PNG_SIGNATURE)
         assert len(data) > 10_000
         assert png_size(data) == size
+
+
+def test_verdict_names_the_prompted_base_model_as_a_bar():
+    # A tiny persona: the adapter beats the bare base model but not the base shown a few messages.
+    said = verdict({"perplexity": {"base": 120.0, "prompted": 19.8, "adapter": 68.3}})
+    assert "reads as you better than the base model on held-out chats (perplexity 68.3 against 120.0)" in said
+    assert "no better than the base model shown a few of your messages (perplexity 19.8)" in said
+    said = verdict({"perplexity": {"base": 80.1, "prompted": 60.2, "adapter": 30.3}})
+    assert "; better than the base model shown a few of your messages (perplexity 60.2)" in said
+    assert "shown" not in verdict({"perplexity": {"base": 80.1, "prompted": None, "adapter": 30.3}})
 
 
 def test_examples_are_escaped_and_capped(tmp_path):

@@ -107,11 +107,16 @@ def verdict(result: dict) -> str:
     if known.get("asked"):
         parts.append(f"answers {known['right']} of {known['asked']} questions about you correctly")
     ppl = result.get("perplexity") or {}
-    adapter, base = ppl.get("adapter"), ppl.get("base")
+    adapter, base, prompted = ppl.get("adapter"), ppl.get("base"), ppl.get("prompted")
     if _is_number(adapter) and _is_number(base):
         better = "better" if adapter < base else "no better"
         parts.append(f"reads as you {better} than the base model on held-out chats "
                      f"(perplexity {adapter:.1f} against {base:.1f})")
+    if _is_number(adapter) and _is_number(prompted):
+        # The fairer bar: a base model shown a few of the person's messages needs no training.
+        better = "better" if adapter < prompted else "no better"
+        parts.append(f"{better} than the base model shown a few of your messages "
+                     f"(perplexity {prompted:.1f})")
     context = result.get("context_gain") or {}
     if _is_number(context.get("adapter")) and _is_number(context.get("base")):
         more = "more" if context["adapter"] >= context["base"] else "less"
