@@ -32,6 +32,7 @@ from training.index import (
     IndexProblem,
     PersonaIndex,
     TextEmbedder,
+    fact_is_answer,
 )
 from training.knowledge import QUESTION_WORDS as _QUESTION_WORDS
 from training.knowledge import Item, is_question
@@ -78,9 +79,9 @@ def fact_answer(found: list[Scored], text: str, rule: FactAnswers | None) -> Sco
     if rule is None or not found or not is_question(text):
         return None
     best = found[0]
-    if best.kind != "fact" or best.similarity < rule.min_similarity:
-        return None
-    return best if len(found) < 2 or best.score - found[1].score >= rule.margin else None
+    near = fact_is_answer(best.kind, best.similarity, [f.score for f in found], rule.min_similarity,
+                          rule.margin)
+    return best if near else None
 
 
 # Grounded decoding from this similarity on (CLONE_GROUNDED_MIN). Calibrated on the sample's

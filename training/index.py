@@ -165,6 +165,14 @@ def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbe
 FACT_ANSWER_MIN, FACT_ANSWER_MARGIN = 0.7, 0.02
 
 
+def fact_is_answer(kind: str, similarity: float, scores: Sequence[float], least: float = FACT_ANSWER_MIN,
+                   margin: float = FACT_ANSWER_MARGIN) -> bool:
+    """Serving's fact-answer rule (bot.recall.fact_answer), which paraphrase samples follow too:
+    the best item found is a fact at least `least` similar, and its ranking score is `margin`
+    ahead of the next item's (`scores`, best first), so no other answer comes near."""
+    return kind == "fact" and similarity >= least and (len(scores) < 2 or scores[0] - scores[1] >= margin)
+
+
 def paraphrase_samples(samples: list[dict], index: PersonaIndex, embedder: TextEmbedder,
                        persona: Persona, count_tokens: Callable[[str], int], budget: int) -> list[dict]:
     """Knowledge samples asked the way people really ask: each question that the other side of
@@ -184,9 +192,8 @@ def paraphrase_samples(samples: list[dict], index: PersonaIndex, embedder: TextE
     out = []
     for line, vector in zip(lines, embedder.embed(lines) if lines else [], strict=True):
         found = index.search(vector, RECALL_ITEMS, MIN_SCORE, asked[line])
-        if not found or found[0][1].kind != "fact" or found[0][0] - KNOWLEDGE_BONUS < FACT_ANSWER_MIN:
-            continue
-        if len(found) > 1 and found[0][0] - found[1][0] < FACT_ANSWER_MARGIN:
+        scores = [s for s, _ in found]
+        if not found or not fact_is_answer(found[0][1].kind, scores[0] - KNOWLEDGE_BONUS, scores):
             continue
         fact = found[0][1]
         chosen = fit_recalled([item.recalled() for _, item in found], count_tokens, budget)
