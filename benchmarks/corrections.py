@@ -15,7 +15,9 @@ and with them as samples plus DPO over preference pairs, in one run, on the samp
   5. score       on the held-out corrections, for before, (a), (b) and (c): the perplexity of the
                  owner's replies, and the share of pairs in which the adapter gives the owner's
                  reply a higher log-probability (summed over its tokens) than the clone's old one;
-                 the same share on the trained four fifths (did the adapter learn them at all?)
+                 the same share on the trained four fifths (did the adapter learn them at all?);
+                 and how many pairs each adapter moved towards the owner against a fair
+                 reference: (a), and for DPO its supervised state (b) (see moved_towards_owner)
 
     python benchmarks/corrections.py                      # 20 steps each, 60 corrections (~25 min)
     python benchmarks/corrections.py --steps 8 --corrections 20   # quick check
@@ -223,20 +225,47 @@ def nll_of(model, row: dict, pad_id: int) -> tuple[float, int]:
 
 
 def score(model, tokenizer, items: list[dict]) -> dict:
-    """Perplexity of the owner's replies, and the pairs whose owner reply is the likelier."""
+    """Perplexity of the owner's replies, the pairs whose owner reply is the likelier, and each
+    pair's two summed negative log-likelihoods (`nll`: owner's, clone's old reply)."""
     model.eval()
     pad = tokenizer.pad_token_id
     owner_nll = owner_tokens = 0.0
     won = won_per_token = 0
+    pairs = []
     for c in items:
         own, n_own = nll_of(model, reply_row(c, c["text"], tokenizer), pad)
         old, n_old = nll_of(model, reply_row(c, c["reply"], tokenizer), pad)
         owner_nll, owner_tokens = owner_nll + own, owner_tokens + n_own
         won += own < old  # log-probability summed over the reply: -nll
         won_per_token += own / n_own < old / n_old
+        pairs.append([round(own, 4), round(old, 4)])
     return {"perplexity": round(math.exp(owner_nll / owner_tokens), 3), "pairs": len(items),
             "owner_preferred": round(won / len(items), 3),
-            "owner_preferred_per_token": round(won_per_token / len(items), 3)}
+            "owner_preferred_per_token": round(won_per_token / len(items), 3), "nll": pairs}
+
+
+def moved_towards_owner(scores: dict, reference: dict) -> float:
+    """The share of pairs in which the adapter, against `reference`, raised the owner's reply's
+    log-probability more than the old reply's: DPO's implicit reward accuracy. Plain
+    log-probability rarely favours the owner: the old reply is a short sample of `before` itself
+    (about 2 nats a token), the owner's a person's longer words (3-4). Against `before` any
+    retrain moves most pairs (a new seed finds before's own samples less likely), so the fair
+    references are (a), the retrain without corrections, and, for DPO, its supervised state (b)."""
+    now, then = scores["nll"], reference["nll"]
+    return round(sum((o0 - o) > (r0 - r) for (o, r), (o0, r0) in zip(now, then, strict=True)) / len(now), 3)
+
+
+REFERENCES = {"b_sft": ("a_no_corrections",), "c_sft_dpo": ("a_no_corrections", "b_sft")}
+
+
+def add_moves(runs: dict) -> None:
+    """Each run's moved_towards_owner against its fair references (REFERENCES; a DPO variant's
+    are (c)'s), on the held-out and the trained pairs."""
+    for name, r in runs.items():
+        for ref in REFERENCES.get(name, REFERENCES["c_sft_dpo"] if name.startswith("c_dpo") else ()):
+            for part in ("held_out", "trained"):
+                share = moved_towards_owner(r[part], runs[ref][part])
+                r[part].setdefault("moved_towards_owner", {})[ref] = share
 
 
 def score_version(out: Path, version: str, held: list[dict], trained: list[dict], base: str | None) -> dict:
@@ -319,11 +348,12 @@ def run(args) -> dict:
         runs["c_sft_dpo"] = train_one(persona.dataset, out, args.steps, 1, "dpo", args)
         for name in RUNS:
             runs[name] |= score_version(out, runs[name]["version"], held, trained, args.base)
-            partial(name, runs[name])
         for lr in args.dpo_lrs:
             name = f"c_dpo_lr_{lr:g}"
             runs[name] = dpo_variant(out, runs["b_sft"]["version"], persona.dataset, lr, held, trained, args)
-            partial(name, runs[name])
+        add_moves(runs)
+        for name, r in runs.items():
+            partial(name, r)
     return {"steps": args.steps, "corrections": {"made": len(items), "trained": len(trained),
                                                  "held_out": len(held), "card": card.get("corrections")},
             "settings": {k: getattr(args, k) for k in TUNED},
@@ -337,11 +367,17 @@ def print_table(result: dict) -> None:
     print(f"{c['made']} corrections: {c['trained']} trained on, {c['held_out']} held out; "
           f"{result['steps']} supervised steps each; {result['settings']}")
     print(f"{'':18}{'held-out ppl':>13}{'/ before':>9}{'owner wins':>11}{'per token':>10}"
-          f"{'trained wins':>13}{'chat val ppl':>13}{'seconds':>9}")
+          f"{'moved vs (a)':>13}{'vs (b)':>7}{'trained wins':>13}{'chat val ppl':>13}{'seconds':>9}")
+
+    def moved(r: dict, ref: str) -> str:
+        share = r["held_out"].get("moved_towards_owner", {}).get(ref)
+        return "" if share is None else f"{share:.0%}"
+
     for name in runs:
         r, h = runs[name], runs[name]["held_out"]
         print(f"{name:18}{h['perplexity']:>13.2f}{h['perplexity'] / before['perplexity']:>9.3f}"
               f"{h['owner_preferred']:>11.0%}{h['owner_preferred_per_token']:>10.0%}"
+              f"{moved(r, 'a_no_corrections'):>13}{moved(r, 'b_sft'):>7}"
               f"{r['trained']['owner_preferred']:>13.0%}{r['val_perplexity']:>13.2f}{r['seconds']:>9.0f}")
     dpo = runs["c_sft_dpo"]["preference"]
     if dpo:
