@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def open_session(args: argparse.Namespace) -> Session:
         persona = Persona.load(folder)
     except PersonaError as e:
         raise CliError(str(e)) from None
-    if notice:
-        print(f"Note: {notice}")
+    if notice:  # on stderr: stdout may be one JSON object (`clone eval --json`) read by a script
+        print(f"Note: {notice}", file=sys.stderr)
     settings = load_settings(Path(".env"), persona.env_file)
     if settings.clone_cache:
         base_model.set_cache_dir(settings.clone_cache)

@@ -141,8 +141,9 @@ def test_an_adapter_of_another_persona_is_refused(personas, tmp_path, tiny_base,
 
 def test_the_default_persona_is_explicit(personas, tmp_path, capsys, monkeypatch):
     # None of one's own: the sample, with a notice.
-    code, out, _ = run(["adapters"], capsys)
-    assert code == 0 and "using the sample persona" in out and "[sample]" in out
+    code, out, err = run(["adapters"], capsys)
+    assert code == 0 and "using the sample persona" in err and "[sample]" in out
+    assert "using the sample persona" not in out  # stdout stays the command's own (a --json object)
     # Exactly one of one's own: that one, without being asked.
     assert run(["init", "me", "--name", "Alex"], capsys)[0] == 0
     code, out, _ = run(["adapters"], capsys)
