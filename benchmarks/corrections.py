@@ -255,14 +255,19 @@ def moved_towards_owner(scores: dict, reference: dict) -> float:
     return round(sum((o0 - o) > (r0 - r) for (o, r), (o0, r0) in zip(now, then, strict=True)) / len(now), 3)
 
 
-REFERENCES = {"b_sft": ("a_no_corrections",), "c_sft_dpo": ("a_no_corrections", "b_sft")}
+def references(name: str) -> tuple[str, ...]:
+    """The runs `name` is fairly compared with: (b) with (a); (c) and every DPO variant (`c_...`,
+    all trained on (b)'s supervised state) with (a) and (b); before and (a) with none."""
+    if name.startswith("c_"):
+        return ("a_no_corrections", "b_sft")
+    return ("a_no_corrections",) if name == "b_sft" else ()
 
 
 def add_moves(runs: dict) -> None:
-    """Each run's moved_towards_owner against its fair references (REFERENCES; a DPO variant's
-    are (c)'s), on the held-out and the trained pairs."""
+    """Each run's moved_towards_owner against its fair references, on the held-out and the
+    trained pairs."""
     for name, r in runs.items():
-        for ref in REFERENCES.get(name, REFERENCES["c_sft_dpo"] if name.startswith("c_dpo") else ()):
+        for ref in references(name):
             for part in ("held_out", "trained"):
                 share = moved_towards_owner(r[part], runs[ref][part])
                 r[part].setdefault("moved_towards_owner", {})[ref] = share
