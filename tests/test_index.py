@@ -181,6 +181,17 @@ def test_exclude_source_hides_that_conversations_exchanges_only(index, embedder)
     assert next(i for i in found if i.kind == "fact" and i.source == "c3")
 
 
+def test_an_exchange_repeated_in_several_chats_is_found_once(index, embedder):
+    # The same reply to the same message in three chats: one item in the prompt, and k still met.
+    repeats = [Item("exchange", "talk later", "haha ok", f"r{i}") for i in range(3)]
+    both = build([*ITEMS, *repeats], embedder, reuse=index)
+    q = vector(embedder, "haha ok")
+    found = [i for _, i in both.search(q, 3)]
+    assert found[0].text == "talk later" and len(found) == 3
+    assert [i.recalled() for i in found].count(found[0].recalled()) == 1
+    assert [i.text for _, i in both.search(q, 3, exclude_source="r0")] == [i.text for i in found]
+
+
 # -- files ----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -42,6 +42,10 @@ class TextEmbedder(Protocol):
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray: ...
 
 
+# search() looks this many times deeper than it returns, to skip items shown exactly as a better one.
+SEARCH_POOL = 4
+
+
 class PersonaIndex:
     def __init__(self, items: list[Item], vectors: np.ndarray, model: str) -> None:
         if len(items) != len(vectors):
@@ -71,16 +75,22 @@ class PersonaIndex:
                exclude_source: str | None = None) -> list[tuple[float, Item]]:
         """The `k` items most similar to `vector`, best first, at least `min_score`; items of
         the conversation `exclude_source` never (a training sample must not see its own
-        exchanges)."""
+        exchanges). An item the prompt would show exactly as a better one (the same exchange
+        in several chats: "talk later" after "haha ok") is skipped, so each is shown once."""
         if not self.items or k <= 0:
             return []
         scores = self.vectors @ vector.astype(np.float32) + self._bonus
         if exclude_source is not None:
             scores = np.where(self._sources == exclude_source, -np.inf, scores)
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
+        pool = min(k * SEARCH_POOL, len(scores))  # room for the repeats skipped
+        top = np.argpartition(-scores, pool - 1)[:pool]
         top = top[np.argsort(-scores[top])]
-        return [(float(scores[i]), self.items[i]) for i in top if scores[i] >= min_score]
+        found: dict[Recalled, tuple[float, Item]] = {}
+        for i in top:
+            if scores[i] < min_score or len(found) == k:
+                break
+            found.setdefault(self.items[i].recalled(), (float(scores[i]), self.items[i]))
+        return list(found.values())
 
     def save(self, folder: Path) -> None:
         """Into `folder` (a staging folder the caller renames into place)."""
