@@ -238,6 +238,17 @@ def test_verdict_names_the_prompted_base_model_as_a_bar():
     assert "shown" not in verdict({"perplexity": {"base": 80.1, "prompted": None, "adapter": 30.3}})
 
 
+def test_verdict_compares_context_gains_as_it_prints_them():
+    def said(adapter: float, base: float) -> str:
+        return verdict({"context_gain": {"adapter": adapter, "base": base}})
+
+    assert "follows the conversation as much as the base model does (context gain 1.00 against 1.00)" in said(
+        1.001, 0.998)
+    assert "follows the conversation less than the base model does (context gain 1.22 against 1.27)" in said(
+        1.221, 1.271)
+    assert "follows the conversation more than the base model does" in said(1.31, 1.27)
+
+
 def test_examples_are_escaped_and_capped(tmp_path):
     md = write_report(full_result(), tmp_path).read_text(encoding="utf-8")
     assert "| # | Context | Real | Generated | Base model |" in md

@@ -119,8 +119,9 @@ def verdict(result: dict) -> str:
                      f"(perplexity {prompted:.1f})")
     context = result.get("context_gain") or {}
     if _is_number(context.get("adapter")) and _is_number(context.get("base")):
-        more = "more" if context["adapter"] >= context["base"] else "less"
-        parts.append(f"follows the conversation {more} than the base model does "
+        ours, theirs = round(context["adapter"], 2), round(context["base"], 2)  # as printed
+        more = "as much as" if ours == theirs else "more than" if ours > theirs else "less than"
+        parts.append(f"follows the conversation {more} the base model does "
                      f"(context gain {context['adapter']:.2f} against {context['base']:.2f})")
     return ("Your clone " + "; ".join(parts) + ".") if parts else "Not enough held-out data to judge."
 
