@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget (wall clock)")
     ap.add_argument("--epochs", type=float, default=1.5)  # about 13 of the 15 minutes here
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lora-top-layers", type=float, help="share of layers with LoRA (clone train's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -57,8 +58,9 @@ def main() -> None:
         prepared = prepare_persona(persona, token_counter(load_tokenizer())).prepared
 
         started = time.monotonic()
+        layers = {"lora_top_layers": args.lora_top_layers} if args.lora_top_layers else {}
         result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
-                                   max_minutes=args.minutes, learning_rate=args.lr, eval_steps=100))
+                                   max_minutes=args.minutes, learning_rate=args.lr, eval_steps=100, **layers))
         train_minutes = (time.monotonic() - started) / 60
         scores = evaluate(root / "adapters", root / "dataset", samples=16)
 
@@ -73,6 +75,7 @@ def main() -> None:
         "steps": result.manifest["metrics"]["steps"],
         "epochs": result.manifest["metrics"]["epochs"],
         "tokens_per_second": result.manifest["metrics"]["tokens_per_second"],
+        "lora_top_layers": result.manifest["hyperparameters"]["lora_top_layers"],
         "perplexity": ppl,
         "adapter_over_prompted": round(ppl["adapter"] / ppl["prompted"], 3),
         "target": 0.6,

@@ -30,7 +30,7 @@ in the machine's load hits all of them alike:
                 rather than serving_threads', half the cores)
 
 The adapter: `--adapter DIR` (an adapter folder, as `clone train` writes it), else a fresh LoRA
-(clone train's default shape: r=16, alpha 32, every linear layer of the top half of the blocks)
+(clone train's default shape: `training.train.with_lora` with TrainConfig's defaults)
 whose B matrices are random noise (std `--noise`) instead of zeros, so that merged and attached
 differ from the base and from each other as a trained adapter would. It is not a trained
 adapter: speed does not depend on the weights' values, perplexity figures do (the 1% check
@@ -123,18 +123,11 @@ def reply_prompts(val: list[dict]) -> list[list[dict]]:
 def random_adapter(root: Path, noise: float, seed: int = 0) -> str:
     """A fresh LoRA of clone train's default shape with noisy B matrices, saved as an adapter
     registry entry (manifest included) so that load_clone loads it as it loads a trained one."""
-    from peft import LoraConfig, get_peft_model
-
-    from training.train import base_reference
+    from training.config import TrainConfig
+    from training.train import base_reference, with_lora
 
     base = resolve_base()
-    model = load_model(base)
-    n = model.config.num_hidden_layers
-    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and "lm_head" not in name})
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=names, layers_to_transform=list(range(n // 2, n)),
-                      layers_pattern="layers", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = with_lora(load_model(base), TrainConfig(data=root))  # clone train's LoRA, as configured
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

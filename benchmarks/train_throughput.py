@@ -8,7 +8,7 @@ process so that peak memory is its own:
             model's own loss (full-vocabulary logits at every position), LoRA dropout 0.05,
             glibc's default allocator, LoRA on every block
   ours      exactly what `clone train` runs: length-grouped batches, the LM head only where
-            there are labels, LoRA on the top half of the blocks without dropout, the
+            there are labels, LoRA on the top three quarters of the blocks without dropout, the
             allocator kept from trimming, precision picked for the hardware
 
   command   `clone train` whole (`--command`): training.train.train with clone train's own

@@ -129,8 +129,11 @@ def test_an_adapter_of_another_persona_is_refused(personas, tmp_path, tiny_base,
     for name in ("alice", "bob"):
         assert run(["init", name, "--me", "Alice", "--exports", wa], capsys)[0] == 0
     assert run(["prepare", "--persona", "alice"], capsys)[0] == 0
-    assert run(["train", "--persona", "alice", "--base", tiny_base, "--max-steps", "2"], capsys)[0] == 0
+    train = ["train", "--persona", "alice", "--base", tiny_base, "--max-steps", "2", "--lora-top-layers", "1"]
+    assert run(train, capsys)[0] == 0
     version = adapters.active_version(personas / "alice" / "adapters")
+    manifest = json.loads((personas / "alice" / "adapters" / version / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["lora_top_layers"] == 1.0  # the flag reaches the run
     shutil.copytree(personas / "alice" / "adapters", personas / "bob" / "adapters", symlinks=True)
     code, _, err = run(["chat", "--persona", "bob", "--base", tiny_base], capsys, "hi\n", monkeypatch)
     assert code == 2
