@@ -58,7 +58,7 @@ def main() -> None:
         prepared = prepare_persona(persona, token_counter(load_tokenizer())).prepared
 
         started = time.monotonic()
-        layers = {"lora_top_layers": args.lora_top_layers} if args.lora_top_layers else {}
+        layers = {"lora_top_layers": args.lora_top_layers} if args.lora_top_layers is not None else {}
         result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
                                    max_minutes=args.minutes, learning_rate=args.lr, eval_steps=100, **layers))
         train_minutes = (time.monotonic() - started) / 60
