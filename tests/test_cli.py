@@ -129,8 +129,13 @@ def test_an_adapter_of_another_persona_is_refused(personas, tmp_path, tiny_base,
     for name in ("alice", "bob"):
         assert run(["init", name, "--me", "Alice", "--exports", wa], capsys)[0] == 0
     assert run(["prepare", "--persona", "alice"], capsys)[0] == 0
-    train = ["train", "--persona", "alice", "--base", tiny_base, "--max-steps", "2", "--lora-top-layers", "1"]
-    assert run(train, capsys)[0] == 0
+    train = ["train", "--persona", "alice", "--base", tiny_base, "--max-steps", "2", "--lora-top-layers"]
+    code, _, err = run([*train, "16"], capsys)  # a layer count where a share is asked for
+    assert code == 2 and "lora_top_layers is a share of the layers" in err
+    assert len(err.strip().splitlines()) == 1
+    registry = personas / "alice" / "adapters"
+    assert not registry.exists() or not any(registry.iterdir())  # no run folder left behind
+    assert run([*train, "1"], capsys)[0] == 0
     version = adapters.active_version(personas / "alice" / "adapters")
     manifest = json.loads((personas / "alice" / "adapters" / version / "manifest.json").read_text())
     assert manifest["hyperparameters"]["lora_top_layers"] == 1.0  # the flag reaches the run

@@ -643,6 +643,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     from transformers import set_seed
 
     started = time.monotonic()
+    if not 0 < cfg.lora_top_layers <= 1:  # a layer count typed for a share would train them all
+        raise ValueError(f"lora_top_layers is a share of the layers, above 0 and at most 1, "
+                         f"not {cfg.lora_top_layers:g}")
     tune_allocator()
     card = read_card(cfg.data)
     base: BaseModel = resolve_base(cfg.base)
