@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=200)
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget (wall clock)")
     ap.add_argument("--epochs", type=float, default=1.5)  # about 13 of the 15 minutes here
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, help="peak learning rate (clone train's)")
     ap.add_argument("--lora-top-layers", type=float, help="share of layers with LoRA (clone train's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -58,9 +58,10 @@ def main() -> None:
         prepared = prepare_persona(persona, token_counter(load_tokenizer())).prepared
 
         started = time.monotonic()
-        layers = {"lora_top_layers": args.lora_top_layers} if args.lora_top_layers is not None else {}
+        given = {"lora_top_layers": args.lora_top_layers, "learning_rate": args.lr}
+        chosen = {k: v for k, v in given.items() if v is not None}  # the rest: clone train's defaults
         result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
-                                   max_minutes=args.minutes, learning_rate=args.lr, eval_steps=100, **layers))
+                                   max_minutes=args.minutes, eval_steps=100, **chosen))
         train_minutes = (time.monotonic() - started) / 60
         scores = evaluate(root / "adapters", root / "dataset", samples=16)
 
@@ -76,6 +77,7 @@ def main() -> None:
         "epochs": result.manifest["metrics"]["epochs"],
         "tokens_per_second": result.manifest["metrics"]["tokens_per_second"],
         "lora_top_layers": result.manifest["hyperparameters"]["lora_top_layers"],
+        "learning_rate": result.manifest["hyperparameters"]["learning_rate"],
         "perplexity": ppl,
         "adapter_over_prompted": round(ppl["adapter"] / ppl["prompted"], 3),
         "target": 0.6,
