@@ -17,7 +17,10 @@ own training and validation conversations (each searched without its own convers
 
 1. prepare a copy of the sample persona (index build time and size), train for `--minutes`
    (the budget `clone start` uses), unless --persona names one already trained;
-2. knowledge accuracy: the persona's eval_questions.csv (paraphrases kept out of its knowledge
+2. retrieval: is the right item recalled first for each question of the persona's
+   retrieval_dev.csv (where retrieval is tuned) and eval_questions.csv, facts searched by their
+   question or their question with its answer (serving), and by their question alone;
+   knowledge accuracy: the persona's eval_questions.csv (paraphrases kept out of its knowledge
    base), asked through the engine: adapter with recall, adapter without, base model with;
    cost: seconds per grounded reply, one candidate against --candidates;
 3. retrieval gain (held-out perplexity without recalled items / with) and context gain
@@ -36,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,11 +174,10 @@ def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -
     """The knowledge quiz of each variant asked for (serving's sampling, seeds 0 to --seeds - 1:
     `right` is their mean, `wrong` counts how many seeds missed each question)."""
     import contextlib
-    from collections import Counter
 
     import torch
 
-    questions = read_questions(persona.root / "eval_questions.csv")
+    questions = read_questions(persona.root / args.questions)
     out = {}
     for key in args.variants.split(","):
         name, adapter, recall, grounded, answers = VARIANTS[key]
@@ -191,6 +194,38 @@ def knowledge(persona: Persona, model, tokenizer, index: Path, embedder, args) -
                      "wrong": dict(Counter(a["question"] for r in results for a in r["answers"]
                                            if not a["right"]))}
         print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+RETRIEVAL_SETS = ("retrieval_dev.csv", "eval_questions.csv")  # the first tunes retrieval; the quiz never does
+
+
+def retrieval(persona: Persona, index_folder: Path, embedder) -> dict:
+    """Is the right item recalled for each paraphrased question of the persona's question sets?
+    `first`: the best item holds an expected word, `knowledge_first`: the best fact or note does,
+    `shown`: one of the items a prompt shows does. Facts searched by their question or their
+    question with its answer (serving), and by their question alone, on the same index."""
+    from training.index import MIN_SCORE, RECALL_ITEMS, PersonaIndex
+
+    index = PersonaIndex.load(index_folder, embedder.name)
+    arms = {"question_or_answer": index,
+            "question_alone": PersonaIndex(index.items, index.vectors, index.model)}
+    out = {}
+    for name in RETRIEVAL_SETS:
+        if not (persona.root / name).is_file():
+            continue
+        questions = read_questions(persona.root / name)
+        vectors = embedder.embed([q.text for q in questions])
+        for arm, searched in arms.items():
+            counts = Counter()
+            for q, v in zip(questions, vectors, strict=True):
+                found = [item for _, item in searched.search(v, len(searched), MIN_SCORE)]
+                right = [q.answered_by(f"{i.asked or ''} {i.text}") for i in found]
+                knowledge = [r for r, i in zip(right, found, strict=True) if i.kind != "exchange"]
+                counts["first"] += bool(right[:1] and right[0])
+                counts["knowledge_first"] += bool(knowledge[:1] and knowledge[0])
+                counts["shown"] += any(right[:RECALL_ITEMS])
+            out.setdefault(name, {"asked": len(questions)})[arm] = dict(counts)
     return out
 
 
@@ -421,10 +456,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", type=Path, help="train the copy in this existing folder and keep it")
     parser.add_argument("--skip", default="",
-                        help="comma-separated: calibration, recall_calibration, knowledge, cost, "
+                        help="comma-separated: calibration, recall_calibration, retrieval, knowledge, cost, "
                              "perplexity, longterm")
     parser.add_argument("--variants", default="alone,grounded,answers,both,no-recall,base",
                         help=f"knowledge quiz variants, comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--questions", default="eval_questions.csv",
+                        help="the knowledge quiz's questions, in the persona folder (retrieval_dev.csv: "
+                             "the set retrieval is tuned on)")
     parser.add_argument("--temperature", type=float, default=0.8, help="serving's sampling temperature")
     parser.add_argument("--grounded-min", type=float, default=GROUNDED_MIN,
                         help="grounded decoding: a question, with a recalled knowledge item this similar")
@@ -461,6 +499,7 @@ def main() -> None:
         parts = (persona, model, tokenizer, index, embedder)
         for name, measure in (("calibration", lambda: calibration(persona, index, embedder, args)),
                               ("recall_calibration", lambda: recall_calibration(persona, embedder, args)),
+                              ("retrieval", lambda: retrieval(persona, index, embedder)),
                               ("knowledge", lambda: knowledge(*parts, args)),
                               ("cost", lambda: grounded_cost(*parts, args)),
                               ("perplexity", lambda: perplexity(persona, model, tokenizer)),

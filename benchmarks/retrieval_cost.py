@@ -74,6 +74,11 @@ def make_items(texts: Sequence[str], n: int) -> list[Item]:
     return items
 
 
+def embedded_texts(items: Sequence[Item]) -> set[str]:
+    """Every text building an index of `items` embeds: each item's, and each fact's with its answer."""
+    return {i.embedded_text() for i in items} | {t for i in items if (t := i.answered_text())}
+
+
 class RandomEmbedder:
     """Stands in for the model where a real embedding would take too long: random unit rows."""
 
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
                     "load_before": [round(x, 2) for x in os.getloadavg()]}
     texts = sample_texts()
     items = make_items(texts, args.items)
-    result["unique_texts"] = unique = len({i.embedded_text() for i in items})
+    result["unique_texts"] = unique = len(embedded_texts(items))
 
     t0 = time.perf_counter()
     embedder = Embedder()
@@ -122,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     real = build(items[: args.embed], embedder)
     real_s = time.perf_counter() - t0
-    real_unique = len({i.embedded_text() for i in items[: args.embed]})
+    real_unique = len(embedded_texts(items[: args.embed]))
     rate = real_unique / real_s
     fill = RandomEmbedder(embedder.name)
     t0 = time.perf_counter()
@@ -137,8 +142,10 @@ def run(args: argparse.Namespace) -> dict:
     }
 
     # Per reply: embed one message, search. The baseline index is the first items of the same.
-    baseline = PersonaIndex(items[: args.baseline_items], index.vectors[: args.baseline_items],
-                            index.model)
+    head = items[: args.baseline_items]
+    facts = sum(1 for i in head if i.answered_text())  # answer rows follow the items' order
+    baseline = PersonaIndex(head, index.vectors[: args.baseline_items], index.model,
+                            None if index.answers is None else index.answers[:facts])
     rng = np.random.default_rng(1)
     questions = [t for t in texts if t.endswith("?")] or texts
     queries = [questions[i] for i in rng.choice(len(questions), args.queries, replace=False)] \

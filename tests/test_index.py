@@ -105,7 +105,8 @@ def embedder():
 def index(embedder) -> PersonaIndex:
     counting = Counting(embedder)
     built = build(ITEMS, counting)
-    assert sorted(counting.texts) == sorted({i.embedded_text() for i in ITEMS})  # each once
+    wanted = {i.embedded_text() for i in ITEMS} | {i.answered_text() for i in ITEMS if i.answered_text()}
+    assert sorted(counting.texts) == sorted(wanted)  # each once
     return built
 
 
@@ -128,6 +129,18 @@ def first_of(index: PersonaIndex, embedder, text: str, **kw) -> Item:
 def test_a_paraphrased_question_finds_its_fact_first(index, embedder, question, asked):
     found = first_of(index, embedder, question, min_score=MIN_SCORE)
     assert (found.kind, found.asked) == ("fact", asked)
+
+
+@pytest.mark.parametrize("question, asked", [
+    ("where did you grow up?", "Where are you from?"),       # "grew up" is in the answer only
+    ("do you play the piano?", "What do you do when you are stressed?"),
+    ("who is maria?", "Do you have any siblings?"),
+])
+def test_a_question_that_shares_words_with_the_answer_finds_its_fact(index, embedder, question, asked):
+    found = first_of(index, embedder, question, min_score=MIN_SCORE)
+    assert (found.kind, found.asked) == ("fact", asked)
+    by_question = PersonaIndex(index.items, index.vectors, index.model)  # no answer vectors
+    assert first_of(by_question, embedder, question, min_score=MIN_SCORE).asked != asked
 
 
 def test_the_knowledge_bonus_lets_a_fact_outrank_a_slightly_closer_exchange(index, embedder):
@@ -208,12 +221,32 @@ def test_save_then_load_gives_the_same_index(index, saved, embedder):
     assert loaded.fingerprint == index.fingerprint
     assert loaded.vectors.dtype == np.float32 and loaded.vectors.shape == index.vectors.shape
     np.testing.assert_allclose(loaded.vectors, index.vectors, atol=1e-3)  # stored as float16
+    np.testing.assert_allclose(loaded.answers, index.answers, atol=1e-3)
     meta = json.loads((saved / "index.json").read_text())
     assert meta["items"] == len(ITEMS) and meta["fingerprint"] == index.fingerprint
     assert meta["kinds"] == {"fact": len(FACTS), "exchange": len(EXCHANGES), "note": len(NOTES)}
     q = vector(embedder, "what's your major?")
     assert [i for _, i in loaded.search(q, 5)] == [i for _, i in index.search(q, 5)]
     assert PersonaIndex.load(saved).fingerprint == index.fingerprint  # any model
+
+
+def test_an_index_of_format_1_searches_facts_by_their_question_alone(index, saved, embedder):
+    """Indexes built before answers.npy still serve (a knowledge edit or retrain rebuilds them)."""
+    (saved / "answers.npy").unlink()
+    meta = json.loads((saved / "index.json").read_text())
+    (saved / "index.json").write_text(json.dumps({**meta, "format": 1}))
+    old = PersonaIndex.load(saved)
+    assert old.answers is None
+    q = vector(embedder, "what's your major?")
+    asked_only = old.vectors @ q
+    np.testing.assert_allclose(old.similarities(q), asked_only, atol=1e-6)
+    assert (index.similarities(q) >= asked_only - 1e-3).all()
+
+
+def test_a_format_2_index_without_its_answer_vectors_is_refused(saved):
+    (saved / "answers.npy").unlink()
+    with pytest.raises(IndexProblem, match="cannot be read"):
+        PersonaIndex.load(saved)
 
 
 def test_an_index_of_another_model_is_refused(saved):
@@ -274,7 +307,8 @@ def test_build_reuses_the_vectors_it_has(index, embedder):
            Item("exchange", "sure", "What languages do you speak?", "c9")]  # same text as the fact
     counting = Counting(embedder)
     grown = build([*ITEMS, *new], counting, reuse=index)
-    assert counting.texts == ["What languages do you speak?", "I draw charcoal portraits."]
+    assert counting.texts == ["What languages do you speak?", "I draw charcoal portraits.",
+                              "What languages do you speak? Spanish and English"]
     assert grown.items == [*ITEMS, *new]
     np.testing.assert_array_equal(grown.vectors[: len(ITEMS)], index.vectors)
     np.testing.assert_array_equal(grown.vectors[len(ITEMS)], grown.vectors[len(ITEMS) + 2])
@@ -284,7 +318,8 @@ def test_build_reuses_the_vectors_it_has(index, embedder):
     assert counting.texts == [] and shrunk.items == ITEMS[:5]
     other = Counting(embedder, name="another-model")
     rebuilt = build(ITEMS[:3], other, reuse=index)
-    assert sorted(other.texts) == sorted(i.embedded_text() for i in ITEMS[:3])
+    assert sorted(other.texts) == sorted([*(i.embedded_text() for i in ITEMS[:3]),
+                                          *(i.answered_text() for i in ITEMS[:3] if i.answered_text())])
     assert rebuilt.model == "another-model"
 
 

@@ -140,3 +140,20 @@ def test_reserved_benchmark_speakers_cannot_be_the_persona(tmp_path):
         )
     assert exit_info.value.code == 2
     assert not (tmp_path / "exports").exists()
+
+
+def test_the_question_sets_are_kept_apart():
+    """retrieval_dev.csv tunes retrieval, eval_questions.csv measures the clone: no question of
+    either is in the other, the development set asks none of the knowledge base's own questions
+    (the quiz asks one: "how tall are you?"), and each expects a word the knowledge base holds."""
+    from bot.quiz import read_questions
+
+    dev, quiz = (read_questions(SAMPLE / name) for name in ("retrieval_dev.csv", "eval_questions.csv"))
+    faq = (SAMPLE / "exports" / "faq.csv").read_text(encoding="utf-8").casefold()
+    notes = (SAMPLE / "knowledge" / "about-sam.md").read_text(encoding="utf-8").casefold()
+    asked = {line.split(",")[0] for line in faq.splitlines()}
+    assert len(dev) >= 40 and len(quiz) >= 30
+    assert not {q.text.casefold() for q in dev} & {q.text.casefold() for q in quiz}
+    assert not {q.text.casefold() for q in dev} & asked
+    for q in (*dev, *quiz):
+        assert q.answered_by(faq + notes), q.text

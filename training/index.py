@@ -2,6 +2,7 @@
 
     <folder>/items.jsonl   one item per line (kind, text, asked, source), redacted
     <folder>/vectors.npy   float16 unit vectors, one row per item (half the size of float32)
+    <folder>/answers.npy   float16 unit vectors of each fact's question with its answer, in order
     <folder>/index.json    the embedding model, item counts and a fingerprint; written last
 
 Search is brute force over an in-memory float32 matrix: 100,000 items x 384 dimensions is one
@@ -25,7 +26,7 @@ from training.knowledge import Item, is_question
 from training.persona import Persona
 from training.prompt import RECALL_ITEMS, Recalled, Utterance, fit_recalled, system_prompt, to_chat_messages
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: answers.npy (an index of format 1 searches facts by question alone)
 # The person's knowledge base is what they wrote down to be known: it outranks a chat exchange
 # that happens to be a little closer (paraphrased questions, sample persona: the right fact
 # first for 33 of 34 with this bonus, 31 without).
@@ -47,11 +48,18 @@ SEARCH_POOL = 4
 
 
 class PersonaIndex:
-    def __init__(self, items: list[Item], vectors: np.ndarray, model: str) -> None:
+    def __init__(self, items: list[Item], vectors: np.ndarray, model: str,
+                 answers: np.ndarray | None = None) -> None:
+        """`answers`: one row per fact (Item.answered_text), in the items' order; None searches
+        facts by their question alone."""
         if len(items) != len(vectors):
             raise IndexProblem(f"{len(items)} items but {len(vectors)} vectors")
         self.items, self.model = items, model
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._fact_rows = np.array([j for j, i in enumerate(items) if i.answered_text()], dtype=np.int64)
+        if answers is not None and len(answers) != len(self._fact_rows):
+            raise IndexProblem(f"{len(self._fact_rows)} facts but {len(answers)} answer vectors")
+        self.answers = None if answers is None else np.ascontiguousarray(answers, dtype=np.float32)
         # Only exchanges belong to a conversation a sample could come from: facts and notes
         # are recalled for their own questions too (that is how the clone learns to use them).
         self._sources = np.array([i.source if i.kind == "exchange" else "" for i in items], dtype=object)
@@ -79,7 +87,7 @@ class PersonaIndex:
         in several chats: "talk later" after "haha ok") is skipped, so each is shown once."""
         if not self.items or k <= 0:
             return []
-        scores = self.vectors @ vector.astype(np.float32) + self._bonus
+        scores = self.similarities(vector) + self._bonus
         if exclude_source is not None:
             scores = np.where(self._sources == exclude_source, -np.inf, scores)
         pool = min(k * SEARCH_POOL, len(scores))  # room for the repeats skipped
@@ -92,6 +100,20 @@ class PersonaIndex:
             found.setdefault(self.items[i].recalled(), (float(scores[i]), self.items[i]))
         return list(found.values())
 
+    def answered_texts(self) -> list[str]:
+        """What each row of `answers` embeds, in order."""
+        return [self.items[j].answered_text() or "" for j in self._fact_rows]
+
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        """Each item's cosine similarity to `vector`: a fact's is the closer of its question's
+        and its question-with-answer's."""
+        vector = vector.astype(np.float32)
+        scores = self.vectors @ vector
+        if self.answers is not None and len(self._fact_rows):
+            rows = self._fact_rows
+            scores[rows] = np.maximum(scores[rows], self.answers @ vector)
+        return scores
+
     def save(self, folder: Path) -> None:
         """Into `folder` (a staging folder the caller renames into place)."""
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +121,10 @@ class PersonaIndex:
             for item in self.items:
                 f.write(json.dumps(item.as_dict(), ensure_ascii=False) + "\n")
         np.save(folder / "vectors.npy", self.vectors.astype(np.float16))
-        meta = {"format": INDEX_FORMAT, "embedding_model": self.model, "items": len(self.items),
+        if self.answers is not None:
+            np.save(folder / "answers.npy", self.answers.astype(np.float16))
+        meta = {"format": INDEX_FORMAT if self.answers is not None else 1,
+                "embedding_model": self.model, "items": len(self.items),
                 "kinds": self.kinds(), "fingerprint": self.fingerprint}
         (folder / "index.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -113,13 +138,17 @@ class PersonaIndex:
             with (folder / "items.jsonl").open(encoding="utf-8") as f:
                 items = [Item(**json.loads(line)) for line in f if line.strip()]
             vectors = np.load(folder / "vectors.npy", allow_pickle=False)
+            answers = (np.load(folder / "answers.npy", allow_pickle=False)
+                       if meta.get("format", 1) >= 2 else None)
         except IndexProblem:
             raise
         except (OSError, ValueError, TypeError, EOFError, KeyError, AttributeError) as e:
             raise IndexProblem(f"{folder}: cannot be read ({type(e).__name__})") from None
         if vectors.ndim != 2 or len(items) != meta.get("items") or len(vectors) != len(items):
             raise IndexProblem(f"{folder}: items and vectors do not match")
-        return cls(items, vectors, meta["embedding_model"])
+        if answers is not None and answers.shape[1:] != vectors.shape[1:]:
+            raise IndexProblem(f"{folder}: answer vectors and vectors do not match")
+        return cls(items, vectors, meta["embedding_model"], answers)
 
 
 def build(items: Sequence[Item], embedder: TextEmbedder, reuse: PersonaIndex | None = None,
@@ -128,11 +157,16 @@ def build(items: Sequence[Item], embedder: TextEmbedder, reuse: PersonaIndex | N
     known: dict[str, np.ndarray] = {}
     if reuse is not None and reuse.model == embedder.name:
         known = {i.embedded_text(): v for i, v in zip(reuse.items, reuse.vectors, strict=True)}
-    texts = list(dict.fromkeys(i.embedded_text() for i in items if i.embedded_text() not in known))
+        if reuse.answers is not None:
+            known |= dict(zip(reuse.answered_texts(), reuse.answers, strict=True))
+    answered = [t for t in (i.answered_text() for i in items) if t]
+    wanted = [*(i.embedded_text() for i in items), *answered]
+    texts = list(dict.fromkeys(t for t in wanted if t not in known))
     if texts:
         known.update(zip(texts, embedder.embed(texts, progress=progress), strict=True))
     vectors = np.stack([known[i.embedded_text()] for i in items]) if items else np.zeros((0, 384))
-    return PersonaIndex(list(items), vectors, embedder.name)
+    answers = np.stack([known[t] for t in answered]) if answered else np.zeros((0, vectors.shape[1]))
+    return PersonaIndex(list(items), vectors, embedder.name, answers)
 
 
 # Items less similar than this to a message are not recalled for it: an unrelated fact in the

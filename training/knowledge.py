@@ -54,9 +54,19 @@ class Item:
 
     def embedded_text(self) -> str:
         """What retrieval compares an incoming message with: what was asked, where something
-        was (measured on paraphrased questions: 31 of 34 facts first, against 22 of 34 when
-        the answer is embedded with its question), else the passage."""
+        was (measured on paraphrased questions: 31 of 34 facts first, against 22 of 34 with
+        question and answer as a fact's only view), else the passage. A fact has a second
+        view beside it: answered_text."""
         return self.asked or self.text
+
+    def answered_text(self) -> str | None:
+        """A fact's question with its answer: retrieval also compares a message with this and
+        keeps the closer of the two, so a paraphrase that shares words with the answer rather
+        than the question ("where did you grow up?" -> "Where are you from? South Carolina. I
+        grew up in the country") still finds it (the sample's retrieval_dev.csv: right item
+        first 43 of 46 against 40 by the question alone; figures in benchmarks/README.md).
+        None for notes and exchanges."""
+        return f"{self.asked} {self.text}" if self.kind == "fact" and self.asked else None
 
     def recalled(self) -> Recalled:
         return Recalled(self.text, asked=self.asked)
