@@ -19,6 +19,7 @@ from training.index import (
     paraphrase_samples,
     query_of,
     recall,
+    reindex,
 )
 from training.knowledge import Item
 from training.persona import Persona
@@ -434,3 +435,20 @@ def test_fit_recalled_skips_what_does_not_fit_and_keeps_what_does():
     assert fit_recalled(best_first, words, budget=header + 3 + 2 + 2, most=2) == [Recalled("best item")]
     assert fit_recalled(best_first, words, budget=header) == []
     assert fit_recalled([], words) == []
+
+
+def test_a_knowledge_edit_gives_a_format_1_index_its_answer_vectors(index, saved, embedder):
+    """`clone knowledge reindex` is how an index made before answers.npy gets it; only the new
+    texts (the facts' answer views, the new note) are embedded, the rest keep their vectors."""
+    (saved / "answers.npy").unlink()
+    meta = json.loads((saved / "index.json").read_text())
+    (saved / "index.json").write_text(json.dumps({**meta, "format": 1}))
+    counting = Counting(embedder)
+    note = Item("note", "I draw charcoal portraits.", source="art.md")
+    reindex(saved, [note], counting)
+    answer_views = [i.answered_text() for i in ITEMS if i.answered_text()]
+    assert sorted(counting.texts) == sorted([note.text, *answer_views])
+    upgraded = PersonaIndex.load(saved)
+    assert upgraded.answers is not None and len(upgraded.answers) == len(FACTS)
+    assert json.loads((saved / "index.json").read_text())["format"] == 2
+    np.testing.assert_allclose(upgraded.answers, index.answers, atol=1e-3)
