@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.5)  # about 13 of the 15 minutes here
     ap.add_argument("--lr", type=float, help="peak learning rate (clone train's)")
     ap.add_argument("--lora-top-layers", type=float, help="share of layers with LoRA (clone train's)")
+    ap.add_argument("--batch-size", type=int, help="samples in one batch (clone train's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -58,7 +59,8 @@ def main() -> None:
         prepared = prepare_persona(persona, token_counter(load_tokenizer())).prepared
 
         started = time.monotonic()
-        given = {"lora_top_layers": args.lora_top_layers, "learning_rate": args.lr}
+        given = {"lora_top_layers": args.lora_top_layers, "learning_rate": args.lr,
+                 "batch_size": args.batch_size}
         chosen = {k: v for k, v in given.items() if v is not None}  # the rest: clone train's defaults
         result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
                                    max_minutes=args.minutes, eval_steps=100, **chosen))
@@ -78,6 +80,7 @@ def main() -> None:
         "tokens_per_second": result.manifest["metrics"]["tokens_per_second"],
         "lora_top_layers": result.manifest["hyperparameters"]["lora_top_layers"],
         "learning_rate": result.manifest["hyperparameters"]["learning_rate"],
+        "batch_size": result.manifest["hyperparameters"]["batch_size"],
         "perplexity": ppl,
         "adapter_over_prompted": round(ppl["adapter"] / ppl["prompted"], 3),
         "target": 0.6,
