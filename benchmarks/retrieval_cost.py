@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training.index import MIN_SCORE, PersonaIndex, build  # noqa: E402
+from training.index import MIN_SCORE, PersonaIndex, answer_views, build  # noqa: E402
 from training.knowledge import Item  # noqa: E402
 from training.prompt import RECALL_ITEMS  # noqa: E402
 
@@ -76,7 +76,7 @@ def make_items(texts: Sequence[str], n: int) -> list[Item]:
 
 def embedded_texts(items: Sequence[Item]) -> set[str]:
     """Every text building an index of `items` embeds: each item's, and each fact's with its answer."""
-    return {i.embedded_text() for i in items} | {t for i in items if (t := i.answered_text())}
+    return {i.embedded_text() for i in items} | set(answer_views(items))
 
 
 class RandomEmbedder:
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Per reply: embed one message, search. The baseline index is the first items of the same.
     head = items[: args.baseline_items]
-    facts = sum(1 for i in head if i.answered_text())  # answer rows follow the items' order
+    facts = len(answer_views(head))  # answer rows follow the items' order
     baseline = PersonaIndex(head, index.vectors[: args.baseline_items], index.model,
                             None if index.answers is None else index.answers[:facts])
     rng = np.random.default_rng(1)

@@ -14,6 +14,7 @@ from training.index import (
     MIN_SCORE,
     IndexProblem,
     PersonaIndex,
+    answer_views,
     attach_recalled,
     build,
     paraphrase_samples,
@@ -106,7 +107,7 @@ def embedder():
 def index(embedder) -> PersonaIndex:
     counting = Counting(embedder)
     built = build(ITEMS, counting)
-    wanted = {i.embedded_text() for i in ITEMS} | {i.answered_text() for i in ITEMS if i.answered_text()}
+    wanted = {i.embedded_text() for i in ITEMS} | set(answer_views(ITEMS))
     assert sorted(counting.texts) == sorted(wanted)  # each once
     return built
 
@@ -231,11 +232,16 @@ def test_save_then_load_gives_the_same_index(index, saved, embedder):
     assert PersonaIndex.load(saved).fingerprint == index.fingerprint  # any model
 
 
+def as_format_1(folder: Path) -> None:
+    """Make a saved index what an index built before answers.npy looks like."""
+    (folder / "answers.npy").unlink()
+    meta = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**meta, "format": 1}))
+
+
 def test_an_index_of_format_1_searches_facts_by_their_question_alone(index, saved, embedder):
     """Indexes built before answers.npy still serve (a knowledge edit or retrain rebuilds them)."""
-    (saved / "answers.npy").unlink()
-    meta = json.loads((saved / "index.json").read_text())
-    (saved / "index.json").write_text(json.dumps({**meta, "format": 1}))
+    as_format_1(saved)
     old = PersonaIndex.load(saved)
     assert old.answers is None
     q = vector(embedder, "what's your major?")
@@ -319,8 +325,7 @@ def test_build_reuses_the_vectors_it_has(index, embedder):
     assert counting.texts == [] and shrunk.items == ITEMS[:5]
     other = Counting(embedder, name="another-model")
     rebuilt = build(ITEMS[:3], other, reuse=index)
-    assert sorted(other.texts) == sorted([*(i.embedded_text() for i in ITEMS[:3]),
-                                          *(i.answered_text() for i in ITEMS[:3] if i.answered_text())])
+    assert sorted(other.texts) == sorted([*(i.embedded_text() for i in ITEMS[:3]), *answer_views(ITEMS[:3])])
     assert rebuilt.model == "another-model"
 
 
@@ -440,14 +445,11 @@ def test_fit_recalled_skips_what_does_not_fit_and_keeps_what_does():
 def test_a_knowledge_edit_gives_a_format_1_index_its_answer_vectors(index, saved, embedder):
     """`clone knowledge reindex` is how an index made before answers.npy gets it; only the new
     texts (the facts' answer views, the new note) are embedded, the rest keep their vectors."""
-    (saved / "answers.npy").unlink()
-    meta = json.loads((saved / "index.json").read_text())
-    (saved / "index.json").write_text(json.dumps({**meta, "format": 1}))
+    as_format_1(saved)
     counting = Counting(embedder)
     note = Item("note", "I draw charcoal portraits.", source="art.md")
     reindex(saved, [note], counting)
-    answer_views = [i.answered_text() for i in ITEMS if i.answered_text()]
-    assert sorted(counting.texts) == sorted([note.text, *answer_views])
+    assert sorted(counting.texts) == sorted([note.text, *answer_views(ITEMS)])
     upgraded = PersonaIndex.load(saved)
     assert upgraded.answers is not None and len(upgraded.answers) == len(FACTS)
     assert json.loads((saved / "index.json").read_text())["format"] == 2

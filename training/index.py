@@ -47,6 +47,12 @@ class TextEmbedder(Protocol):
 SEARCH_POOL = 4
 
 
+def answer_views(items: Sequence[Item]) -> list[str]:
+    """Each fact's question with its answer (Item.answered_text), in the items' order: what the
+    rows of an index's `answers` embed."""
+    return [t for i in items if (t := i.answered_text())]
+
+
 class PersonaIndex:
     def __init__(self, items: list[Item], vectors: np.ndarray, model: str,
                  answers: np.ndarray | None = None) -> None:
@@ -99,10 +105,6 @@ class PersonaIndex:
                 break
             found.setdefault(self.items[i].recalled(), (float(scores[i]), self.items[i]))
         return list(found.values())
-
-    def answered_texts(self) -> list[str]:
-        """What each row of `answers` embeds, in order."""
-        return [self.items[j].answered_text() or "" for j in self._fact_rows]
 
     def similarities(self, vector: np.ndarray) -> np.ndarray:
         """Each item's cosine similarity to `vector`: a fact's is the closer of its question's
@@ -158,8 +160,8 @@ def build(items: Sequence[Item], embedder: TextEmbedder, reuse: PersonaIndex | N
     if reuse is not None and reuse.model == embedder.name:
         known = {i.embedded_text(): v for i, v in zip(reuse.items, reuse.vectors, strict=True)}
         if reuse.answers is not None:
-            known |= dict(zip(reuse.answered_texts(), reuse.answers, strict=True))
-    answered = [t for t in (i.answered_text() for i in items) if t]
+            known |= dict(zip(answer_views(reuse.items), reuse.answers, strict=True))
+    answered = answer_views(items)
     wanted = [*(i.embedded_text() for i in items), *answered]
     texts = list(dict.fromkeys(t for t in wanted if t not in known))
     if texts:
