@@ -24,7 +24,10 @@ own training and validation conversations (each searched without its own convers
    base), asked through the engine: adapter with recall, adapter without, base model with;
    cost: seconds per grounded reply, one candidate against --candidates;
 3. retrieval gain (held-out perplexity without recalled items / with) and context gain
-   (wrong conversation / true), adapter and base model;
+   (wrong conversation / true), adapter and base model; the retrieval gain three ways: every
+   reply of a held-out sample with the items recalled for its last message (as the dataset
+   holds them), that last reply alone, and each reply alone with the items recalled for the
+   message it answers (`retrieval_gain_each_reply`: what serving does at every turn);
 4. long-term recall: 30 users each tell the clone a fact, the window is cleared (/reset, or 100
    unrelated messages), they ask for it back: answered right, and recalled into the prompt at
    all; with Redis (when one answers on 127.0.0.1:6379) and with the embedded store.
@@ -392,17 +395,26 @@ def recall_calibration(persona: Persona, embedder, args) -> dict:
             "margin": args.recall_answer_margin}
 
 
-def perplexity(persona: Persona, model, tokenizer) -> dict:
+def perplexity(persona: Persona, model, tokenizer, index_folder: Path, embedder) -> dict:
+    from training.base_model import token_counter
     from training.encode import load_jsonl
-    from training.evaluate import example_lines, last_reply_gains, perplexities
+    from training.evaluate import example_lines, last_reply_gains, perplexities, reply_retrieval_gain
+    from training.index import PersonaIndex, attach_recalled, reply_prefixes
+    from training.prompt import RECALL_TOKENS
 
     data = persona.dataset
     val = load_jsonl(data / "val.jsonl")
     ppl, _, last = perplexities(model, tokenizer, val, example_lines(load_jsonl(data / "train.jsonl")),
                                 last_of=len(val))
+    # Every held-out reply with the items serving recalls for the message it answers.
+    prefixes = reply_prefixes(val)
+    attach_recalled(prefixes, PersonaIndex.load(index_folder), embedder, persona, token_counter(tokenizer),
+                    RECALL_TOKENS)
     return {"perplexity": ppl,
             "retrieval_gain": {k: round(ppl[f"{k}_no_recall"] / ppl[k], 3) for k in ("adapter", "base")},
-            **last_reply_gains(model, tokenizer, val, last)}
+            **last_reply_gains(model, tokenizer, val, last),
+            "replies": len(prefixes),
+            "retrieval_gain_each_reply": reply_retrieval_gain(model, tokenizer, prefixes)}
 
 
 def recall_once(persona: Persona, model, tokenizer, index: Path, embedder, longterm, fillers: int,
@@ -502,7 +514,7 @@ def main() -> None:
                               ("retrieval", lambda: retrieval(persona, index, embedder)),
                               ("knowledge", lambda: knowledge(*parts, args)),
                               ("cost", lambda: grounded_cost(*parts, args)),
-                              ("perplexity", lambda: perplexity(persona, model, tokenizer)),
+                              ("perplexity", lambda: perplexity(persona, model, tokenizer, index, embedder)),
                               ("longterm", lambda: longterm(*parts, args))):
             if name in skip:
                 continue

@@ -21,6 +21,7 @@ from training.index import (
     query_of,
     recall,
     reindex,
+    reply_prefixes,
 )
 from training.knowledge import Item
 from training.persona import Persona
@@ -382,6 +383,26 @@ def test_attach_recalled_shows_the_fact_never_the_samples_own_exchange(index, em
         assert 0 < words(block) <= budget
         assert s["messages"][1:] == before[1:]  # only the system prompt changes
     assert silent["messages"] == turns[2]  # nothing asked, nothing recalled
+
+
+def test_reply_prefixes_give_each_reply_the_items_recalled_for_its_own_message(index, embedder):
+    whole = sample("c3", sam("morning"), them("where are you from?"), sam("the south"),
+                   them("lol"), them("any animals at home?"), sam("yes a dog\nhe is old"))
+    before = [m.copy() for m in whole["messages"]]
+    prefixes = reply_prefixes([whole])
+    # A reply counts when it answers the other side: the opening "morning" does not.
+    assert [p["messages"][-1]["content"] for p in prefixes] == ["the south", "yes a dog\nhe is old"]
+    assert [len(p["messages"]) for p in prefixes] == [4, 6]  # "lol" and the question: one turn
+    assert all(p["conversation"] == "c3" for p in prefixes)
+    attach_recalled(prefixes, index, embedder, SAM, words, 60)
+
+    home = "- Q: Where are you from? A: South Carolina. I grew up in the country"
+    pet = "- Q: Do you have a pet? A: Our golden retriever Copper, he lives with my parents"
+    assert recalled_lines(prefixes[0]["messages"][0]["content"])[-1] == home
+    assert recalled_lines(prefixes[1]["messages"][0]["content"])[-1] == pet
+    for p in prefixes:  # the conversation itself as it was, and the sample untouched
+        assert p["messages"][1:] == before[1 : len(p["messages"])]
+    assert whole["messages"] == before
 
 
 def test_attach_recalled_respects_the_token_budget(index, embedder):

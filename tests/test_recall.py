@@ -605,3 +605,35 @@ def test_a_users_words_are_not_offered_as_the_clones_own(known, model, embedder,
     assert "Pickles" not in yours  # the user's cat is not offered as the clone's
     assert "Pickles" in mine  # asked about their own cat, their words are recalled
     assert "Lisbon" not in elsewhere and "Tucson" in elsewhere  # the clone's own fact, not theirs
+
+
+def test_each_reply_retrieval_gain_scores_every_reply_with_its_own_items(known, tokenizer, tiny_base,
+                                                                           embedder, count_tokens):
+    import math
+
+    from peft import LoraConfig, get_peft_model
+
+    from training.base_model import load_model, resolve_base
+    from training.encode import load_jsonl
+    from training.evaluate import last_reply_rows, reply_retrieval_gain
+    from training.index import PersonaIndex, attach_recalled, reply_prefixes
+    from training.prompt import RECALL_TOKENS
+    from training.train import mean_nll
+
+    val = load_jsonl(known.dataset / "val.jsonl") + load_jsonl(known.dataset / "train.jsonl")
+    prefixes = reply_prefixes(val)
+    assert len(prefixes) > len(val)  # samples of several replies give one prefix each
+    stale = [p["messages"][0]["content"] for p in prefixes]
+    attach_recalled(prefixes, PersonaIndex.load(known.dataset / "index"), embedder, known, count_tokens,
+                    RECALL_TOKENS)
+    assert sum(p["messages"][0]["content"] != s for p, s in zip(prefixes, stale, strict=True)) > 0
+
+    base = load_model(resolve_base(str(tiny_base))).eval()
+    pad = tokenizer.pad_token_id
+    told, untold = (mean_nll(base, last_reply_rows(prefixes, tokenizer, wrong=False, recall=r), pad)[0]
+                    for r in (True, False))
+    expected = round(math.exp(untold - told), 3)
+    # A new LoRA adapter starts as the identity, so it must score exactly as the base model does.
+    fresh = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).eval()
+    assert reply_retrieval_gain(fresh, tokenizer, prefixes) == {"adapter": expected, "base": expected}
+    assert reply_retrieval_gain(fresh, tokenizer, []) is None

@@ -172,6 +172,26 @@ def last_reply_gains(model, tokenizer, val: list[dict],
             "retrieval_gain_last_reply": ratio("true context", "recalled items")}
 
 
+def reply_retrieval_gain(model, tokenizer, prefixes: list[dict]) -> dict[str, float] | None:
+    """Retrieval gain as serving meets it, per model (adapter, base): every reply scored alone
+    after its own conversation, without the items recalled for the message it answers / with
+    them. `prefixes`: training.index.reply_prefixes of the held-out samples, each with its own
+    recalled items attached. None without any."""
+    if not prefixes:
+        return None
+    pad = tokenizer.pad_token_id
+    told, untold = (last_reply_rows(prefixes, tokenizer, wrong=False, recall=r) for r in (True, False))
+
+    def gain(name: str) -> float:
+        with_items, without = (mean_nll(model, rows, pad, desc=f"Scoring {name}, each reply")[0]
+                               for rows in (told, untold))
+        return round(math.exp(without - with_items), 3)
+
+    with model.disable_adapter():
+        base = gain("base")
+    return {"adapter": gain("adapter"), "base": base}
+
+
 def sample_replies(model, tokenizer, val: list[dict], samples: int, max_new_tokens: int) -> dict:
     """The clone's (and, for a few, the base model's) replies beside the real ones."""
     pairs = reply_prompts(val, samples)

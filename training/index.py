@@ -204,6 +204,19 @@ def attach_recalled(samples: list[dict], index: PersonaIndex, embedder: TextEmbe
         sample["messages"][0]["content"] = system_prompt(persona, chosen)
 
 
+def reply_prefixes(samples: list[dict]) -> list[dict]:
+    """Each sample cut after every reply of the person that answers the other side: one copy per
+    reply, ending with it, as serving sees that reply's conversation. Their system prompts still
+    hold the items recalled for the whole sample's last message; attach_recalled gives each its own."""
+    out = []
+    for sample in samples:
+        msgs = sample["messages"]
+        for end in range(3, len(msgs) + 1):
+            if msgs[end - 1]["role"] == "assistant" and msgs[end - 2]["role"] == "user":
+                out.append({**sample, "messages": [dict(m) for m in msgs[:end]]})
+    return out
+
+
 # An incoming chat line this near a fact's question, and this far ahead of the next item, asks
 # that fact: serving sends the fact's answer (bot.recall.FactAnswers' defaults) and training
 # makes it a knowledge sample (paraphrase_samples). On the sample's 3,812 incoming lines it picks
