@@ -108,6 +108,25 @@ def test_the_real_packaged_model_trains_two_steps(tiny_dataset, tmp_path):
     assert 0 < m["metrics"]["val_loss"] < 20
 
 
+def test_loraplus_steps_the_b_matrices_at_its_ratio_of_the_learning_rate(tiny_base, tiny_dataset, tmp_path):
+    from transformers import TrainerCallback
+
+    rates: list[dict[str, float]] = []
+
+    class Rates(TrainerCallback):  # each step's rate of every trained matrix kind
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            names = {id(p): n for n, p in model.named_parameters()}
+            rates.append({("B" if "lora_B" in names[id(p)] else "A"): g["lr"]
+                          for g in optimizer.param_groups for p in g["params"]})
+
+    plus = train(tiny_config(tiny_base, tiny_dataset, tmp_path / "plus", max_steps=4, eval_steps=100,
+                             loraplus_ratio=8.0), callbacks=[Rates()])
+    assert len(rates) == 4 and all(r["B"] == pytest.approx(8 * r["A"]) and r["A"] > 0 for r in rates[:-1])
+    assert plus.manifest["hyperparameters"]["loraplus_ratio"] == 8.0
+    plain = train(tiny_config(tiny_base, tiny_dataset, tmp_path / "plain", max_steps=4, eval_steps=100))
+    assert plus.manifest["metrics"]["val_loss"] != plain.manifest["metrics"]["val_loss"]
+
+
 def test_a_hub_id_that_is_not_here_names_the_packaged_default(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

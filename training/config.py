@@ -68,6 +68,8 @@ class TrainConfig:
     # Dropout copies every LoRA input: measured 29% slower when on.
     lora_dropout: float = field(default=0.0, metadata={
         "help": "Dropout on the LoRA inputs."})
+    loraplus_ratio: float = field(default=1.0, metadata={
+        "help": "LoRA+ (Hayou et al. 2024): the B matrices' learning rate / the A ones' (1: plain LoRA)."})
     target_modules: list[str] | str = field(default="all-linear", metadata={
         "help": "Modules that get LoRA: 'all-linear' or a list of module names."})
     # Backward then stops at the lowest adapted layer, and the layers below run forward without

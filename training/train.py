@@ -255,6 +255,7 @@ class CloneTrainer(Trainer):
 
     tokens_seen = 0
     planned_steps = 0
+    loraplus_ratio = 1.0  # LoRA+: the B matrices learn this many times faster than A (1: plain LoRA)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         nll, n = token_nll(model, inputs)
@@ -262,6 +263,16 @@ class CloneTrainer(Trainer):
         if model.training:
             self.tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, {}) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.loraplus_ratio != 1.0:
+            from peft.optimizers import create_loraplus_optimizer
+
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(model or self.model, cls, lr=self.args.learning_rate,
+                                                       loraplus_lr_ratio=self.loraplus_ratio, **kwargs)
+        return super().create_optimizer(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -441,6 +452,7 @@ def build_trainer(
         data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
+    trainer.loraplus_ratio = cfg.loraplus_ratio
     trainer.remove_callback(ProgressCallback)  # replaced by the same bar with tokens/s added
     trainer.add_callback(TokenProgress(trainer))
     trainer.add_callback(NoFinalEvaluation())  # after DefaultFlowCallback, which asks for them
