@@ -84,7 +84,7 @@ def main() -> None:
         "lora_top_layers": result.manifest["hyperparameters"]["lora_top_layers"],
         "learning_rate": result.manifest["hyperparameters"]["learning_rate"],
         "batch_size": result.manifest["hyperparameters"]["batch_size"],
-        "loraplus_ratio": result.manifest["hyperparameters"].get("loraplus_ratio", 1.0),
+        "loraplus_ratio": result.manifest["hyperparameters"]["loraplus_ratio"],
         "lora_dropout": result.manifest["hyperparameters"]["lora_dropout"],
         "perplexity": ppl,
         "adapter_over_prompted": round(ppl["adapter"] / ppl["prompted"], 3),

@@ -408,8 +408,8 @@ def perplexity(persona: Persona, model, tokenizer, index_folder: Path, embedder)
                                 last_of=len(val))
     # Every held-out reply with the items serving recalls for the message it answers.
     prefixes = reply_prefixes(val)
-    attach_recalled(prefixes, PersonaIndex.load(index_folder), embedder, persona, token_counter(tokenizer),
-                    RECALL_TOKENS)
+    index = PersonaIndex.load(index_folder, embedder.name)
+    attach_recalled(prefixes, index, embedder, persona, token_counter(tokenizer), RECALL_TOKENS)
     return {"perplexity": ppl,
             "retrieval_gain": {k: round(ppl[f"{k}_no_recall"] / ppl[k], 3) for k in ("adapter", "base")},
             **last_reply_gains(model, tokenizer, val, last),
