@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="samples in one batch (clone train's)")
     ap.add_argument("--loraplus-ratio", type=float, help="LoRA+'s B/A learning-rate ratio (clone train's)")
     ap.add_argument("--lora-dropout", type=float, help="dropout on the LoRA inputs (clone train's: 0)")
+    ap.add_argument("--lora-head", action=argparse.BooleanOptionalAction,
+                    help="LoRA on the output layer too (clone train's: on)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -63,7 +65,7 @@ def main() -> None:
         started = time.monotonic()
         given = {"lora_top_layers": args.lora_top_layers, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "loraplus_ratio": args.loraplus_ratio,
-                 "lora_dropout": args.lora_dropout}
+                 "lora_dropout": args.lora_dropout, "lora_head": args.lora_head}
         chosen = {k: v for k, v in given.items() if v is not None}  # the rest: clone train's defaults
         result = train(TrainConfig(data=root / "dataset", out=root / "adapters", epochs=args.epochs,
                                    max_minutes=args.minutes, eval_steps=100, **chosen))
@@ -86,6 +88,7 @@ def main() -> None:
         "batch_size": result.manifest["hyperparameters"]["batch_size"],
         "loraplus_ratio": result.manifest["hyperparameters"]["loraplus_ratio"],
         "lora_dropout": result.manifest["hyperparameters"]["lora_dropout"],
+        "lora_head": result.manifest["hyperparameters"]["lora_head"],
         "perplexity": ppl,
         "adapter_over_prompted": round(ppl["adapter"] / ppl["prompted"], 3),
         "target": 0.6,

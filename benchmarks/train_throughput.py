@@ -84,7 +84,7 @@ def child(mode: str, data: Path, steps: int, work: Path, batch_size: int) -> dic
     cfg = t.TrainConfig(data=data, out=work, max_steps=steps, eval_steps=10**6, save_steps=10**6,
                         batch_size=batch_size)
     if naive:  # LoRA as commonly configured: every linear layer of every block, with dropout
-        cfg.lora_dropout, cfg.lora_top_layers = 0.05, 1.0
+        cfg.lora_dropout, cfg.lora_top_layers, cfg.lora_head = 0.05, 1.0, False
     base = resolve_base()
     tokenizer = load_tokenizer(base)
     rows = t.load_split(data, "train", tokenizer, cfg.max_length)

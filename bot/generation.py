@@ -224,12 +224,27 @@ def pack_linears(model) -> int:
     return replace_linears(model, PackedLinear, torch.bfloat16)
 
 
+def untie_adapted_head(model) -> bool:
+    """Give an adapted output layer its own copy of the weights it shares with the embeddings, so
+    that merging its LoRA changes what the model says, not how it reads (SmolLM2 ties the two).
+    Whether there was one to untie."""
+    lm = model.get_base_model()
+    head, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
+    base = getattr(head, "base_layer", None)  # a peft LoRA layer wraps the original
+    if base is None or embeddings is None or base.weight is not embeddings.weight:
+        return False
+    base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    lm.config.tie_word_embeddings = False  # what they now are (and peft then merges without a warning)
+    return True
+
+
 def prepare_for_serving(model, precision: str = "auto", merge: bool = True):
     """The model as served: a peft adapter merged into the weights (no LoRA matmuls per layer),
     cast to `serving_dtype(precision)`, its linear layers packed in bf16 (PackedLinear) or with
     fp16 weights (HalfWeightLinear) when the precision says so. It merges in place: pass a model
     loaded for serving (load_clone's), never one that is also used with its adapter apart."""
     if merge and hasattr(model, "merge_and_unload"):
+        untie_adapted_head(model)
         model = model.merge_and_unload()
     chosen = serving_precision(precision)
     model = model.to(serving_dtype(chosen)).eval()

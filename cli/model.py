@@ -15,7 +15,7 @@ from training.config import TrainConfig
 from training.persona import add_exports
 
 TRAIN_FIELDS = ["epochs", "max_steps", "max_minutes", "learning_rate", "batch_size", "lora_r",
-                "lora_top_layers", "loraplus_ratio", "seed", "precision", "knowledge_share",
+                "lora_top_layers", "lora_head", "loraplus_ratio", "seed", "precision", "knowledge_share",
                 "correction_weight", "preference"]
 
 

@@ -43,8 +43,10 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, names: list[s
         if shared is not None:  # e.g. --seed of prepare and of train: one value for both
             shared.help = f"{shared.help} {f.metadata.get('help', '')}".strip()
             continue
-        if hints[name] is bool:
-            parser.add_argument(*flags, dest=name, action="store_true", help=f.metadata.get("help"))
+        if hints[name] is bool:  # a setting that is on by default gets its --no- twin
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(*flags, dest=name, action=action, default=default,
+                                help=f.metadata.get("help"))
         else:
             parser.add_argument(*flags, dest=name, type=_flag_type(hints[name]), default=default,
                                 metavar=name.upper(), choices=f.metadata.get("choices"),

@@ -135,10 +135,11 @@ def test_an_adapter_of_another_persona_is_refused(personas, tmp_path, tiny_base,
     assert len(err.strip().splitlines()) == 1
     registry = personas / "alice" / "adapters"
     assert not registry.exists() or not any(registry.iterdir())  # no run folder left behind
-    assert run([*train, "1"], capsys)[0] == 0
+    assert run([*train, "1", "--no-lora-head"], capsys)[0] == 0
     version = adapters.active_version(personas / "alice" / "adapters")
     manifest = json.loads((personas / "alice" / "adapters" / version / "manifest.json").read_text())
-    assert manifest["hyperparameters"]["lora_top_layers"] == 1.0  # the flag reaches the run
+    assert manifest["hyperparameters"]["lora_top_layers"] == 1.0  # the flags reach the run
+    assert manifest["hyperparameters"]["lora_head"] is False
     shutil.copytree(personas / "alice" / "adapters", personas / "bob" / "adapters", symlinks=True)
     code, _, err = run(["chat", "--persona", "bob", "--base", tiny_base], capsys, "hi\n", monkeypatch)
     assert code == 2

@@ -191,3 +191,41 @@ def test_retrain_says_how_many_corrections_it_used_and_never_what(personas, tmp_
         assert private not in out + err
     [manifest] = adapters.versions(personas / "alice" / "adapters")
     assert manifest["metrics"]["preference"]["pairs"] == 1
+
+
+def test_dpo_scores_and_trains_a_lora_on_the_output_layer(tiny_base, tokenizer):
+    """TRL's fused LM head reads the head's weight and never calls it: without AdaptedHead a LoRA
+    on the head (clone train's lora_head) would be missing from DPO's scores and gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from training.base_model import load_model, resolve_base
+    from training.encode import collate, encode, token_nlls
+    from training.preference import adapted_head_for_trl
+
+    model = get_peft_model(load_model(resolve_base(str(tiny_base))), LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*(_proj|lm_head)", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    add_fused_lm_head(model.get_base_model())
+    e = encode([*CONTEXT, {"role": "assistant", "content": "yes, after 8"}], tokenizer)
+    batch = collate([{"input_ids": e.input_ids, "labels": e.labels}], tokenizer.pad_token_id)
+    with torch.no_grad():
+        nll, keep = token_nlls(model, batch)
+
+    def fused_log_probs():
+        return model(**batch, fused_lm_head=True).log_probs[keep]
+
+    with torch.no_grad():
+        assert not torch.allclose(fused_log_probs(), -nll, atol=1e-3)  # TRL alone: the head's LoRA left out
+    with adapted_head_for_trl(model):
+        log_probs = fused_log_probs()
+        assert torch.allclose(log_probs, -nll, atol=1e-4)
+        log_probs.sum().backward()
+    head = model.get_base_model().lm_head
+    assert head.lora_B["default"].weight.grad.abs().sum() > 0  # the head learns in DPO too
+    assert "get_output_embeddings" not in model.get_base_model().__dict__  # the patch was undone

@@ -35,13 +35,15 @@ HELLO = [[{"role": "system", "content": "You are Sam."}, {"role": "user", "conte
          [{"role": "user", "content": "what do you think about pizza?"}]]
 
 
-def noisy_lora(tiny_base: Path, seed: int):
+def noisy_lora(tiny_base: Path, seed: int, head: bool = False):
     """The tiny base with a LoRA whose B weights are noise: it changes the outputs, as a trained
-    adapter does (a fresh one, B = 0, would merge into the base unchanged)."""
+    adapter does (a fresh one, B = 0, would merge into the base unchanged). With `head`, the
+    output layer (tied to the embeddings) gets LoRA too, as `clone train`'s lora_head gives it."""
     from peft import LoraConfig, get_peft_model
 
     model = load_model(resolve_base(str(tiny_base)))
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    targets = r".*(_proj|lm_head)" if head else "all-linear"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -77,8 +79,9 @@ def logits(model, tokenizer) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def test_the_merged_copy_answers_as_the_attached_adapter(tiny_base, tokenizer):
-    attached = noisy_lora(tiny_base, seed=1)
+@pytest.mark.parametrize("head", [False, True], ids=["body", "with-head"])
+def test_the_merged_copy_answers_as_the_attached_adapter(tiny_base, tokenizer, head):
+    attached = noisy_lora(tiny_base, seed=1, head=head)
     merged = prepare_for_serving(copy.deepcopy(attached), precision="fp32")
     base = load_model(resolve_base(str(tiny_base)))
     assert not hasattr(merged, "peft_config") and merged.dtype == torch.float32
@@ -86,6 +89,8 @@ def test_the_merged_copy_answers_as_the_attached_adapter(tiny_base, tokenizer):
     assert torch.allclose(logits(merged, tokenizer), logits(attached, tokenizer), atol=1e-4)
     assert greedy(merged, tokenizer) == greedy(attached, tokenizer)
     assert hasattr(attached, "peft_config")  # the attached model was copied, not merged
+    # Merging the head's LoRA left the tied embeddings (how the model reads) as they were.
+    assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
 
 
 def test_swap_and_rollback_serve_the_new_merged_adapter(tiny_base, tokenizer, tmp_path):

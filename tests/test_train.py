@@ -78,6 +78,13 @@ def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, 
             "chat_template.jinja"} <= {p.name for p in result.path.iterdir()} | {"chat_template.jinja"}
     assert adapters.active_version(out) == result.version
     assert not (out / ".work" / result.version).exists()
+    # The output layer has its LoRA, and the file no copy of the (frozen, tied) weights under it.
+    from safetensors import safe_open
+
+    with safe_open(result.path / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any("lm_head.lora_A" in k for k in keys) and any("lm_head.lora_B" in k for k in keys)
+    assert all("lora_" in k for k in keys)
 
     # The adapter loads back and scores the validation split exactly as recorded.
     from training.train import mean_nll
@@ -90,6 +97,21 @@ def test_tiny_model_learns_and_the_adapter_is_complete(tiny_base, tiny_dataset, 
     with model.disable_adapter():
         base_loss, _ = mean_nll(model, rows, tok.pad_token_id)
     assert loss < base_loss
+
+
+def test_lora_goes_on_the_top_layers_and_the_output_layer(tiny_base, tmp_path):
+    from training.base_model import load_model
+    from training.train import lora_targets
+
+    model = load_model(resolve_base(str(tiny_base)))  # two blocks of 7 linear layers each
+    top = lora_targets(model, TrainConfig(data=tmp_path, lora_top_layers=0.5))
+    assert "lm_head" in top
+    assert len(top) == 8 and all(".layers.1." in name for name in top if name != "lm_head")
+    every = lora_targets(model, TrainConfig(data=tmp_path, lora_top_layers=1.0, lora_head=False))
+    assert "lm_head" not in every and len(every) == 14
+    queries = TrainConfig(data=tmp_path, lora_top_layers=1.0, target_modules=["q_proj"])
+    assert lora_targets(model, queries) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
 
 
 def test_same_seed_same_adapter(tiny_base, tiny_dataset, tmp_path):
@@ -185,6 +207,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_base, tiny_dataset, t
         proc.wait()
     # Killed mid-run: the active adapter is untouched and no half adapter is listed.
     assert adapters.active_version(out) == before.version
+    from safetensors import safe_open
+
+    checkpoint = next((out / ".work").glob("*/checkpoint-8"))
+    with safe_open(checkpoint / "adapter_model.safetensors", "pt") as f:
+        saved = list(f.keys())
+    assert all("lora_" in k for k in saved)  # the adapted head's frozen weights left out
     assert [v["version"] for v in adapters.versions(out)] == [before.version]
 
     resumed = train(tiny_config(tiny_base, tiny_dataset, out, resume=True, **RESUMABLE))

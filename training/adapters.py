@@ -10,8 +10,11 @@ path, so an adapter folder can be moved to a server as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -125,6 +128,16 @@ def locate_base(manifest: dict, folder: Path, base: str | None = None):
     return found
 
 
+@contextlib.contextmanager
+def tied_head_accepted() -> Iterator[None]:
+    """Silences peft's warning about a LoRA on an output layer tied to the embeddings (SmolLM2's):
+    the adapter keeps its own update of the head, and bot.generation unties the head before it
+    merges, so the embeddings never change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        yield
+
+
 def load(root: Path, version: str | None = None, persona_id: str | None = None, base: str | None = None,
          dtype=None, attention: str = "sdpa"):
     """Base model with the adapter attached, its tokenizer, and its manifest."""
@@ -135,6 +148,7 @@ def load(root: Path, version: str | None = None, persona_id: str | None = None, 
 
     folder, manifest = resolve(root, version, persona_id)
     found = locate_base(manifest, folder, base)
-    model = PeftModel.from_pretrained(load_model(found, dtype, attention), str(folder))
+    with tied_head_accepted():
+        model = PeftModel.from_pretrained(load_model(found, dtype, attention), str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, manifest

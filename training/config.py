@@ -80,6 +80,10 @@ class TrainConfig:
     # budget (4 and 15 minutes); all the layers were no better (benchmarks/README.md).
     lora_top_layers: float = field(default=0.75, metadata={
         "help": "Share of the layers, from the top, that get LoRA (1: all of them)."})
+    # The output layer maps the last hidden state to the 49,152 words: LoRA there learns which words
+    # the person uses, at no measurable cost in speed (the head runs only where there are labels).
+    lora_head: bool = field(default=True, metadata={
+        "help": "Put LoRA on the output layer (the LM head) too."})
     knowledge_share: float = field(default=0.25, metadata={
         "help": "Share of the training samples that are knowledge-base answers (repeated to reach it)."})
     # Knowledge answers get repeated to a share; corrections are few and each is the owner saying

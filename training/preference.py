@@ -154,6 +154,46 @@ def labelled_positions_only() -> Iterator[None]:
         utils._use_triton = triton
 
 
+class AdaptedHead:
+    """The output layer as TRL's fused LM head reads it. TRL takes the head's `weight` and `bias`
+    and never calls the module, so a LoRA on the head (TrainConfig.lora_head) would be left out of
+    both the scores and the gradients. Here `weight` is the base weight plus the active adapters'
+    update, built at each read (the reference adapter's too, when TRL switches to it) and
+    differentiable, so DPO scores and trains the head as the model runs it."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer  # peft's LoRA Linear around the head
+
+    @property
+    def weight(self):
+        layer = self.layer
+        base = layer.base_layer.weight
+        if layer.disable_adapters or layer.merged:
+            return base
+        delta = sum(layer.lora_B[name].weight @ layer.lora_A[name].weight * layer.scaling[name]
+                    for name in layer.active_adapters if name in layer.lora_A)
+        return (base.float() + delta).to(base.dtype)
+
+    @property
+    def bias(self):
+        return self.layer.base_layer.bias
+
+
+@contextlib.contextmanager
+def adapted_head_for_trl(model) -> Iterator[None]:
+    """While the stage runs, the base model's output layer is an AdaptedHead where it has a LoRA."""
+    lm = model.get_base_model()
+    head = lm.get_output_embeddings()
+    if not hasattr(head, "lora_A"):
+        yield
+        return
+    lm.get_output_embeddings = lambda: AdaptedHead(head)  # the instance's, over the class's
+    try:
+        yield
+    finally:
+        del lm.get_output_embeddings
+
+
 def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work, precision: str,
                       deadline: float | None = None) -> dict:
     """DPO on `rows` (encode_pairs), training the PeftModel's adapter in place; its metrics."""
@@ -167,7 +207,7 @@ def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work
     if deadline is not None:
         trainer.add_callback(Deadline(deadline))
     try:
-        with labelled_positions_only():
+        with labelled_positions_only(), adapted_head_for_trl(model):
             output = trainer.train()
     finally:
         drop_reference(model)

@@ -6,7 +6,8 @@ Read top to bottom:
                   the frozen base's weights), no LoRA dropout
   3. data         samples encoded once; labels only on the person's turns; the owner's
                   corrections repeated (correction_weight), like knowledge answers
-  4. model        base model + LoRA on the top layers' linear modules (peft)
+  4. model        base model + LoRA on the top layers' linear modules and the output layer
+                  (peft)
   5. loop         transformers' Trainer: length-grouped batches, the LM head run only where the
                   loss needs it, checkpoints, evaluation, progress bar with ETA and tokens/s;
                   with a time budget, the number of steps (and so the whole warm-up + cosine
@@ -25,9 +26,11 @@ there are labels) needs our own loss anyway. What is left of SFTTrainer for us i
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -195,29 +198,43 @@ def read_card(data: Path) -> dict:
 # -- 4. model --------------------------------------------------------------------------------
 
 
+def lora_targets(model, cfg: TrainConfig) -> list[str]:
+    """The full names of the linear modules that get LoRA: cfg.target_modules ("all-linear": every
+    linear layer of the blocks) in the top cfg.lora_top_layers of the blocks, plus the output
+    layer with cfg.lora_head."""
+    n = getattr(model.config, "num_hidden_layers", 0)
+    first = n - max(1, round(n * cfg.lora_top_layers)) if n else 0
+    head = model.get_output_embeddings()
+    wanted = cfg.target_modules
+    wanted = None if wanted == "all-linear" else {wanted} if isinstance(wanted, str) else set(wanted)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if module is head:
+            if cfg.lora_head:
+                names.append(name)
+            continue
+        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer is None or int(layer.group(1)) >= first:
+            names.append(name)
+    return names
+
+
 def with_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    targets: list[str] | str = cfg.target_modules
-    layers = None
-    n = getattr(model.config, "num_hidden_layers", 0)
-    if cfg.lora_top_layers < 1 and n:
-        if targets == "all-linear":  # peft takes a layer range only with named modules
-            targets = sorted({
-                name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and "lm_head" not in name
-            })
-        layers = list(range(n - max(1, round(n * cfg.lora_top_layers)), n))
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        layers_pattern="layers" if layers else None,
+        target_modules=lora_targets(model, cfg),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with adapters.tied_head_accepted():
+        return get_peft_model(model, lora)
 
 
 def fp32_twin(model, base: BaseModel, cfg: TrainConfig):
@@ -263,6 +280,16 @@ class CloneTrainer(Trainer):
         if model.training:
             self.tokens_seen += int(inputs["attention_mask"].sum())
         return (loss, {}) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # A checkpoint of an adapted output layer would also hold its frozen weights (peft's
+        # "auto", with a warning each time): 56 MB in bf16 that resuming never reads.
+        save = self.model.save_pretrained
+        self.model.save_pretrained = functools.partial(save, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del self.model.save_pretrained
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.loraplus_ratio != 1.0:
