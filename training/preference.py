@@ -200,17 +200,18 @@ def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work
     from datasets import Dataset
 
     started = time.monotonic()
-    trainer = _trainer_class()(model=model, args=dpo_config(cfg, work, precision),
-                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(Quiet())
-    if deadline is not None:
-        trainer.add_callback(Deadline(deadline))
-    try:
-        with labelled_positions_only(), adapted_head_for_trl(model):
+    # From the trainer's construction on: TRL refuses a LoRA'd head it would read without its LoRA.
+    with labelled_positions_only(), adapted_head_for_trl(model):
+        trainer = _trainer_class()(model=model, args=dpo_config(cfg, work, precision),
+                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(Quiet())
+        if deadline is not None:
+            trainer.add_callback(Deadline(deadline))
+        try:
             output = trainer.train()
-    finally:
-        drop_reference(model)
+        finally:
+            drop_reference(model)
     return stage_metrics(trainer, output, len(rows), time.monotonic() - started)
 
 

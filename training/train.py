@@ -245,7 +245,8 @@ def fp32_twin(model, base: BaseModel, cfg: TrainConfig):
 
     with no_loading_bar():  # the run's last bar stays the trainer's (the console reads it)
         twin = with_lora(load_model(base), cfg)
-    set_peft_model_state_dict(twin, get_peft_model_state_dict(model))
+    # The LoRA weights alone: "auto" would also copy an adapted head's bf16 base weights over fp32 ones.
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model, save_embedding_layers=False))
     return twin
 
 
