@@ -224,18 +224,16 @@ def pack_linears(model) -> int:
     return replace_linears(model, PackedLinear, torch.bfloat16)
 
 
-def untie_adapted_head(model) -> bool:
+def untie_adapted_head(model) -> None:
     """Give an adapted output layer its own copy of the weights it shares with the embeddings, so
-    that merging its LoRA changes what the model says, not how it reads (SmolLM2 ties the two).
-    Whether there was one to untie."""
+    that merging its LoRA changes what the model says, not how it reads (SmolLM2 ties the two)."""
     lm = model.get_base_model()
     head, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
     base = getattr(head, "base_layer", None)  # a peft LoRA layer wraps the original
     if base is None or embeddings is None or base.weight is not embeddings.weight:
-        return False
+        return
     base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
     lm.config.tie_word_embeddings = False  # what they now are (and peft then merges without a warning)
-    return True
 
 
 def prepare_for_serving(model, precision: str = "auto", merge: bool = True):

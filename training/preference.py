@@ -19,6 +19,7 @@ LM head run only on the answers' positions (see `labelled_positions_only`), no c
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -158,13 +159,14 @@ class AdaptedHead:
     """The output layer as TRL's fused LM head reads it. TRL takes the head's `weight` and `bias`
     and never calls the module, so a LoRA on the head (TrainConfig.lora_head) would be left out of
     both the scores and the gradients. Here `weight` is the base weight plus the active adapters'
-    update, built at each read (the reference adapter's too, when TRL switches to it) and
-    differentiable, so DPO scores and trains the head as the model runs it."""
+    update (the reference adapter's too, when TRL switches to it), differentiable, so DPO scores
+    and trains the head as the model runs it. TRL asks for a new one at every forward and reads its
+    weight three times there (twice for its device), so it is built once per forward."""
 
     def __init__(self, layer) -> None:
         self.layer = layer  # peft's LoRA Linear around the head
 
-    @property
+    @functools.cached_property
     def weight(self):
         layer = self.layer
         base = layer.base_layer.weight
