@@ -389,6 +389,48 @@ def test_the_mid_run_curve_scores_a_fixed_spread_of_the_validation_split():
     assert curve_rows(rows[:5]) == rows[:5]  # a small split is scored whole
 
 
+def batches_of(order: list[int], size: int) -> list[list[int]]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def test_length_grouped_batches_come_in_a_random_order():
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from training.train import ShuffledLengthGroups
+
+    g = torch.Generator().manual_seed(1)
+    # 300 chats of 200-500 tokens and 100 short knowledge answers, in no order.
+    chats, answers = torch.randint(200, 500, (300,), generator=g), torch.randint(20, 60, (100,), generator=g)
+    lengths = torch.cat([chats, answers]).tolist()
+    order = list(ShuffledLengthGroups(lengths, 4, seed=0))
+    assert sorted(order) == list(range(400))
+    # The same batches as transformers' length grouping (as little padding), the longest first.
+    grouped = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(0))
+    assert sorted(map(sorted, batches_of(order, 4))) == sorted(map(sorted, batches_of(grouped, 4)))
+    assert lengths.index(max(lengths)) in order[:4]
+    # A run shorter than a mega-batch (100 samples here) meets the short answers as often as the
+    # data holds them, not only at its end: a quarter of the first 20 steps' samples, over seeds.
+    first = [list(ShuffledLengthGroups(lengths, 4, seed=s))[:80] for s in range(10)]
+    assert 0.15 < sum(i >= 300 for run in first for i in run) / 800 < 0.35
+    # One order per seed and epoch: a resumed run skips the same batches; the next epoch differs.
+    sampler = ShuffledLengthGroups(lengths, 4, seed=0)
+    sampler.set_epoch(1)
+    assert list(sampler) != order and list(sampler) == list(sampler)
+
+
+def test_the_trainer_draws_its_batches_from_shuffled_length_groups(tiny_base, tiny_dataset, tokenizer,
+                                                                  tmp_path):
+    from training.base_model import resolve_base
+    from training.train import ShuffledLengthGroups, build_trainer, load_split, training_model
+
+    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "out", seed=3)
+    rows = load_split(tiny_dataset, "train", tokenizer, cfg.max_length)
+    trainer = build_trainer(cfg, training_model(resolve_base(str(tiny_base)), cfg, "fp32"), tokenizer, rows,
+                            [], tmp_path / "work", "fp32")
+    expected = batches_of(list(ShuffledLengthGroups([len(r["input_ids"]) for r in rows], 4, seed=3)), 4)
+    seen = [sorted(b["attention_mask"].sum(1).tolist()) for b in trainer.get_train_dataloader()]
+    assert seen == [sorted(len(rows[i]["input_ids"]) for i in b) for b in expected]
+
 def test_auto_precision_on_a_cpu_follows_its_measured_bf16_speed(monkeypatch):
     from training import train as t
 
