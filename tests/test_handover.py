@@ -79,20 +79,34 @@ async def start_serve(tiny_base: Path, persona: Path, fake: FakeTelegram, grace_
            "CLONE_TEST_TOKENS": str(tokens), "CLONE_TEST_HOLD": str(hold or ""), "OMP_NUM_THREADS": "1"}
     for name in ("LLM_BASE_URL", "DISCORD_TOKEN", "TELEGRAM_WEBHOOK_URL"):
         env.pop(name, None)
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.slow_serve", "serve", "--base", str(tiny_base),
         "--persona", str(persona), cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    # Read from the start: a pipe left unread fills and stalls the process writing to it.
+    READERS[proc] = (lines := []), asyncio.create_task(read_lines(proc, lines))
+    return proc
+
+
+READERS: dict[asyncio.subprocess.Process, tuple[list[tuple[float, str]], asyncio.Task]] = {}
+
+
+async def read_lines(proc: asyncio.subprocess.Process, lines: list[tuple[float, str]]) -> None:
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        lines.append((time.monotonic(), line.decode().rstrip()))
+
+
+def output(proc: asyncio.subprocess.Process, since: float) -> str:
+    """What it has written so far, each line with the seconds since `since`."""
+    return "\n".join(f"{at - since:6.2f} {text}" for at, text in READERS[proc][0])
 
 
 async def until_exit(proc: asyncio.subprocess.Process, since: float) -> str:
     """Its output, each line with the seconds since `since`, once it has exited."""
-    assert proc.stdout is not None
-    lines = []
-    while line := await proc.stdout.readline():
-        lines.append(f"{time.monotonic() - since:6.2f} {line.decode().rstrip()}")
+    await READERS[proc][1]
     await proc.wait()
-    return "\n".join(lines)
+    return output(proc, since)
 
 
 def handed_over(log: str) -> set[tuple[int, int]]:
@@ -128,7 +142,10 @@ async def hand_over(tiny_base: Path, persona: Path, fake: FakeTelegram, grace_s:
         second = second or await start_serve(tiny_base, persona, fake, grace_s, step_s=0.0, tokens=8)
         log1 = await asyncio.wait_for(until_exit(first, stopped), 60)
         at_exit = (time.monotonic() - stopped, fake.unconfirmed(), claims(persona.name))
-        await until(lambda: len(answers(fake)) == len(CHATS) * PER_CHAT, timeout=120)
+        try:
+            await until(lambda: len(answers(fake)) == len(CHATS) * PER_CHAT, timeout=120)
+        except AssertionError as e:  # say what the second process was doing
+            raise AssertionError(f"{e}: {answers(fake)}\n{output(second, stopped)}") from None
         await asyncio.sleep(1.5)  # and nothing more follows
         second.send_signal(signal.SIGTERM)
         log2 = await asyncio.wait_for(until_exit(second, stopped), 60)
