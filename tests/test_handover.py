@@ -72,6 +72,10 @@ def claims(persona_id: str) -> dict[tuple[int, int], str]:
         client.close()
 
 
+# Each serving process's output lines (time read, text), and the task that reads them.
+READERS: dict[asyncio.subprocess.Process, tuple[list[tuple[float, str]], asyncio.Task]] = {}
+
+
 async def start_serve(tiny_base: Path, persona: Path, fake: FakeTelegram, grace_s: float,
                       step_s: float, tokens: int, hold: Path | None = None) -> asyncio.subprocess.Process:
     env = {**os.environ, "TELEGRAM_TOKEN": fake.token, "TELEGRAM_BASE_URL": fake.base_url,
@@ -86,9 +90,6 @@ async def start_serve(tiny_base: Path, persona: Path, fake: FakeTelegram, grace_
     # Read from the start: a pipe left unread fills and stalls the process writing to it.
     READERS[proc] = (lines := []), asyncio.create_task(read_lines(proc, lines))
     return proc
-
-
-READERS: dict[asyncio.subprocess.Process, tuple[list[tuple[float, str]], asyncio.Task]] = {}
 
 
 async def read_lines(proc: asyncio.subprocess.Process, lines: list[tuple[float, str]]) -> None:

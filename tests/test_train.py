@@ -431,6 +431,7 @@ def test_the_trainer_draws_its_batches_from_shuffled_length_groups(tiny_base, ti
     seen = [sorted(b["attention_mask"].sum(1).tolist()) for b in trainer.get_train_dataloader()]
     assert seen == [sorted(len(rows[i]["input_ids"]) for i in b) for b in expected]
 
+
 def test_auto_precision_on_a_cpu_follows_its_measured_bf16_speed(monkeypatch):
     from training import train as t
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from training.adapters import tied_head_accepted
 from training.config import TrainConfig
 from training.encode import IGNORE, encode
 
@@ -203,7 +204,8 @@ def train_preferences(model, tokenizer, rows: list[dict], cfg: TrainConfig, work
 
     started = time.monotonic()
     # From the trainer's construction on: TRL refuses a LoRA'd head it would read without its LoRA.
-    with labelled_positions_only(), adapted_head_for_trl(model):
+    # And TRL adds the reference adapter through peft, which warns of the tied head as training does.
+    with labelled_positions_only(), adapted_head_for_trl(model), tied_head_accepted():
         trainer = _trainer_class()(model=model, args=dpo_config(cfg, work, precision),
                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
         trainer.remove_callback(ProgressCallback)
